@@ -1,0 +1,5 @@
+import sys
+
+from mozo.cli import main
+
+sys.exit(main())
