@@ -1,0 +1,109 @@
+"""Uniform, layer-by-layer access to the two towers of a transformers `CLIPModel`.
+
+mozo runs the towers itself instead of calling `CLIPModel.forward`, for three reasons:
+- PEFT units that sit beside the MLP (MoE adapters, bottleneck adapters) read the block input `x`
+  and add to `x + mlp(ln_2(x))`; running the block here makes that explicit, with no module surgery;
+- a perturbed zeroth-order forward can start from a cached hidden state at layer k (the prefix
+  cache), which needs a forward that begins in the middle of the encoder;
+- plans and units never special-case a model class: both towers look the same (`embed`, `layers`,
+  `head`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES = ("vision", "language")
+
+# A parallel unit maps the block input x (B, T, D) to a residual added after the MLP.
+ParallelUnit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TowerInput:
+    """What a tower needs besides its layers: the hidden state entering `layer`, the attention mask,
+    and what pooling needs (token positions of EOS for text)."""
+
+    hidden: torch.Tensor
+    mask: Optional[torch.Tensor]
+    pool_index: Optional[torch.Tensor]
+    layer: int = 0  # 0-based index of the first layer still to run
+
+
+def run_block(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], parallel: Optional[ParallelUnit]) -> torch.Tensor:
+    """One CLIP residual block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) [+ unit(x)]."""
+    attn_out = layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask)[0]
+    h = h + attn_out
+    out = h + layer.mlp(layer.layer_norm2(h))
+    if parallel is not None:
+        out = out + parallel(h)
+    return out
+
+
+class Tower:
+    """One modality of a CLIPModel: embedding, encoder layers, pooling and projection."""
+
+    def __init__(self, clip: nn.Module, modality: str):
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        self.modality = modality
+        self.clip = clip
+        self.body = clip.vision_model if modality == "vision" else clip.text_model
+        self.projection = clip.visual_projection if modality == "vision" else clip.text_projection
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.body.encoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def width(self) -> int:
+        return self.body.config.hidden_size
+
+    def embed(self, inputs: dict) -> TowerInput:
+        if self.modality == "vision":
+            h = self.body.pre_layrnorm(self.body.embeddings(inputs["pixel_values"]))
+            return TowerInput(h, None, None)
+        ids = inputs["input_ids"]
+        h = self.body.embeddings(input_ids=ids)
+        pad = inputs.get("attention_mask")
+        mask = _causal_mask(ids.shape[1], pad, h.dtype, h.device)
+        eos = self.body.config.eos_token_id
+        if eos == 2:  # legacy configs: EOS is the highest id in each sequence (transformers does the same)
+            pool = ids.to(torch.int).argmax(dim=-1)
+        else:
+            pool = (ids == eos).int().argmax(dim=-1)
+        return TowerInput(h, mask, pool)
+
+    def run(self, x: TowerInput, stop: int, parallel: dict[int, ParallelUnit]) -> TowerInput:
+        """Run layers x.layer .. stop-1 (0-based), applying parallel units keyed by 0-based layer."""
+        h = x.hidden
+        for i in range(x.layer, stop):
+            h = run_block(self.layers[i], h, x.mask, parallel.get(i))
+        return TowerInput(h, x.mask, x.pool_index, stop)
+
+    def head(self, x: TowerInput) -> torch.Tensor:
+        """Pool, project and L2-normalise: the features CLIP compares."""
+        if self.modality == "vision":
+            pooled = self.body.post_layernorm(x.hidden[:, 0, :])
+        else:
+            h = self.body.final_layer_norm(x.hidden)
+            pooled = h[torch.arange(h.shape[0], device=h.device), x.pool_index]
+        return F.normalize(self.projection(pooled), dim=-1)
+
+
+def _causal_mask(length: int, pad: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive (B|1, 1, T, T) mask: causal, plus padding keys masked when a padding mask is given."""
+    neg = torch.finfo(dtype).min
+    causal = torch.full((length, length), neg, dtype=dtype, device=device).triu(1)[None, None]
+    if pad is None:
+        return causal
+    keys = (1.0 - pad[:, None, None, :].to(dtype)) * neg
+    return (causal + keys).clamp(min=neg)

@@ -1,0 +1,219 @@
+"""The hybrid step: first-order units by backprop, zeroth-order units by forward passes only.
+
+One call does, for a batch (DESIGN section 3):
+1. One forward of both towers at theta. A tower holding FO units runs with autograd (which records
+   nothing below its lowest FO unit, since nothing there requires grad); a tower without FO units
+   runs under `no_grad`, so it stores no activation at all. The forward also caches, per tower, the
+   hidden state entering its lowest ZO unit (the prefix cache) and the detached features.
+   Its loss is L(theta): backward gives the FO gradients and, one-sided, the ZO baseline.
+2. For each of q directions: perturb the ZO units in place (direction regenerated from a seed),
+   re-run only the towers that hold ZO units, starting from the prefix cache, reusing the other
+   tower's cached features; restore. Noise (dropout, router) is re-seeded identically in every forward.
+3. Apply the FO optimizer and the ZO rule. FO parameters do not move before all ZO forwards are done,
+   so every loss of one estimate is evaluated at the same FO parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mozo.backbone.towers import MODALITIES
+from mozo.peft.inject import MozoCLIP
+from mozo.zo.config import ZOConfig
+from mozo.zo.directions import mix_seed, modality_seed, perturb_
+from mozo.zo.plan import Plan, plan_for_model
+from mozo.zo.rules import IN_PLACE_RULES, ZORecord, apply_update, estimate_
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss is NaN or infinite; parameters were left as they were before the step."""
+
+
+@dataclass
+class StepStats:
+    loss: float
+    forward_passes: int  # loss evaluations (each a forward of the towers that needed recomputing)
+    backward_passes: int
+    tower_forwards: dict = field(default_factory=dict)  # modality -> forwards of that tower
+    layer_forwards: dict = field(default_factory=dict)  # modality -> encoder layers executed
+    zo: Optional[ZORecord] = None
+
+
+class HybridStep:
+    """A training step for one model and plan. Build once per task (the FO optimizer lives here)."""
+
+    def __init__(self, model: MozoCLIP, plan: Plan | str, zo: ZOConfig | None = None, fo_lr: float = 1e-3,
+                 fo_weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = F.cross_entropy,
+                 precision: str = "fp32",
+                 reduce_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None):
+        self.model = model
+        self.plan = plan_for_model(plan, model) if isinstance(plan, str) else plan
+        self.zo = zo or ZOConfig()
+        self.seed, self.loss_fn, self.precision = seed, loss_fn, precision
+        self.reduce_scalars = reduce_scalars or (lambda t: t)
+        self.reduce_grads = reduce_grads
+        self.step_index = 0  # the ZO seed counter: checkpoints store it
+        self.zo_lr = self.zo.lr
+
+        units = {mode: [u for u in model.unit_list() if self.plan.mode(u.info.modality, u.info.layer) == mode] for mode in ("fo", "zo", "frozen")}
+        for u in model.unit_list():
+            u.requires_grad_(self.plan.mode(u.info.modality, u.info.layer) == "fo")
+        self.fo_params = [p for u in units["fo"] for p in u.parameters()]
+        self.zo_params = {m: [p for u in units["zo"] if u.info.modality == m for p in u.parameters()] for m in MODALITIES}
+        self.zo_towers = [m for m in MODALITIES if self.zo_params[m]]
+        self.fo_towers = [m for m in MODALITIES if self.plan.has("fo", m)]
+        # 0-based index of the lowest ZO layer per tower: perturbed forwards start there.
+        self.capture_at = {m: (min(u.info.layer for u in units["zo"] if u.info.modality == m) - 1 if m in self.zo_towers else None) for m in MODALITIES}
+        self.fo_optimizer = torch.optim.AdamW(self.fo_params, lr=fo_lr, weight_decay=fo_weight_decay) if self.fo_params else None
+        all_zo = [p for m in self.zo_towers for p in self.zo_params[m]]
+        self.zo_optimizer = torch.optim.AdamW(all_zo, lr=self.zo.lr, weight_decay=self.zo.weight_decay) if (self.zo.update == "adamw" and all_zo) else None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _autocast(self):
+        device = next(self.model.clip.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model.logits(feats["vision"], feats["language"]).float(), labels)
+
+    def _perturb(self, seed: int, sign: float) -> None:
+        for m in self.zo_towers:
+            perturb_(self.zo_params[m], modality_seed(seed, m), sign * self.zo.eps(m), self.zo.distribution)
+
+    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter) -> torch.Tensor:
+        """Loss with the ZO towers recomputed from their prefix cache, other towers' features reused."""
+        f = dict(feats)
+        with torch.no_grad(), self._autocast():
+            for m in self.zo_towers:
+                f[m], _ = self.model.encode(m, start=cache[m])
+                counts[f"tower:{m}"] += 1
+                counts[f"layers:{m}"] += self.model.num_layers(m) - cache[m].layer
+            loss = self._loss(f, labels)
+        counts["forward"] += 1
+        return loss
+
+    @staticmethod
+    def _check(loss: torch.Tensor, where: str) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or epsilon, or enable train.skip_nonfinite")
+
+    # -- the step --------------------------------------------------------------------------------
+    def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor, text_inputs: dict) -> StepStats:
+        model, cfg = self.model, self.zo
+        model.train()
+        k = self.step_index
+        noise_seed = mix_seed(self.seed, k, 0)
+        seeds = [mix_seed(self.seed, k, d + 1) for d in range(cfg.q)]
+        counts: Counter = Counter()
+        inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
+        offset, current = 0.0, seeds[0]  # ZO units sit at theta + offset * eps * z(current): undone on error
+        try:
+            model.noise.seed = noise_seed
+            if cfg.fo_at_perturbed and self.zo_towers:
+                self._perturb(seeds[0], +1.0)
+                offset = 1.0
+            feats, cache = {}, {}
+            with self._autocast():
+                for m in MODALITIES:
+                    with contextlib.nullcontext() if m in self.fo_towers else torch.no_grad():
+                        feats[m], cache[m] = model.encode(m, inputs[m], capture_at=self.capture_at[m])
+                    counts[f"tower:{m}"] += 1
+                    counts[f"layers:{m}"] += model.num_layers(m)
+            loss0 = self._loss(feats, labels)
+            counts["forward"] += 1
+            self._check(loss0, "the first forward")
+            if self.fo_params:
+                loss0.backward()
+                counts["backward"] += 1
+            feats = {m: f.detach() for m, f in feats.items()}
+            loss0 = loss0.detach()
+
+            record = None
+            if self.zo_towers:
+                diffs = []
+                for seed in seeds:
+                    current = seed
+                    if offset == 0.0:
+                        self._perturb(seed, +1.0)
+                        offset = 1.0
+                        plus = self._zo_loss(cache, feats, labels, counts)
+                    else:  # fo_at_perturbed: the first forward was already at theta + eps z
+                        plus = loss0
+                    self._check(plus, "a perturbed forward")
+                    if cfg.two_sided:
+                        self._perturb(seed, -2.0)
+                        offset = -1.0
+                        minus = self._zo_loss(cache, feats, labels, counts)
+                        self._check(minus, "a perturbed forward")
+                        self._perturb(seed, +1.0)
+                        diffs.append(plus - minus)
+                    else:
+                        self._perturb(seed, -1.0)
+                        diffs.append(plus - loss0)
+                    offset = 0.0
+                if cfg.fo_at_perturbed:
+                    loss0 = (plus + minus) / 2  # the loss at theta, to first order
+                diffs_t = self.reduce_scalars(torch.stack(diffs).float())
+                denom = 2.0 if cfg.two_sided else 1.0
+                coefs = {m: [float(x) / (denom * cfg.eps(m)) for x in diffs_t] for m in self.zo_towers}
+                record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
+                self._zo_update(record, cache, feats, labels, loss0, counts)
+
+            if self.fo_optimizer is not None:
+                if self.reduce_grads is not None:
+                    self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])
+                self.fo_optimizer.step()
+                self.fo_optimizer.zero_grad(set_to_none=True)
+        except BaseException:
+            if offset != 0.0:
+                self._perturb(current, -offset)
+            if self.fo_optimizer is not None:
+                self.fo_optimizer.zero_grad(set_to_none=True)
+            raise
+        finally:
+            model.noise.seed = None
+        self.step_index += 1
+        return StepStats(float(self.reduce_scalars(loss0.reshape(1))[0]), counts["forward"], counts["backward"],
+                         {m: counts[f"tower:{m}"] for m in MODALITIES}, {m: counts[f"layers:{m}"] for m in MODALITIES}, record)
+
+    @torch.no_grad()
+    def _zo_update(self, record: ZORecord, cache: dict, feats: dict, labels: torch.Tensor, loss0: torch.Tensor, counts: Counter) -> None:
+        rule, lr = record.rule, self.zo_lr
+        mseeds = {m: [modality_seed(s, m) for s in record.seeds] for m in self.zo_towers}
+        if rule in IN_PLACE_RULES or rule == "sign":
+            for m in self.zo_towers:
+                apply_update(self.zo_params[m], mseeds[m], record.coefs[m], lr, rule, record.distribution)
+            return
+        grads = {m: estimate_(self.zo_params[m], mseeds[m], record.coefs[m], record.distribution) for m in self.zo_towers}
+        if rule == "adamw":
+            for m in self.zo_towers:
+                for p, g in zip(self.zo_params[m], grads[m]):
+                    p.grad = g
+            for group in self.zo_optimizer.param_groups:
+                group["lr"] = lr
+            self.zo_optimizer.step()
+            self.zo_optimizer.zero_grad(set_to_none=True)
+            return
+        # conservative: compare theta - lr g, theta + lr g and theta on this batch, keep the best.
+        def move(scale: float) -> None:
+            for m in self.zo_towers:
+                for p, g in zip(self.zo_params[m], grads[m]):
+                    p.add_(g, alpha=scale)
+
+        move(-lr)
+        self.model.noise.seed = mix_seed(self.seed, record.step, 0)
+        minus = self._zo_loss(cache, feats, labels, counts)
+        move(2 * lr)
+        plus = self._zo_loss(cache, feats, labels, counts)
+        losses = self.reduce_scalars(torch.stack([loss0.float(), minus.float(), plus.float()]))
+        choice = int(torch.argmin(losses))
+        move(-lr if choice == 0 else (-2 * lr if choice == 1 else 0.0))
+        record.extra["conservative_choice"] = ("stay", "minus", "plus")[choice]

@@ -1,0 +1,68 @@
+"""What every PEFT training unit shares: where it sits (modality, layer, kind) and reproducible noise.
+
+A *training unit* is the set of PEFT parameters of one layer of one tower: the granularity at which
+plans choose first-order, zeroth-order or frozen (the paper's "layer k in modality m").
+
+Noise (dropout, router noise) must be identical in every forward of one ZO estimate, or the loss
+difference measures noise instead of the perturbation. Each unit therefore draws its noise from a
+generator seeded by (evaluation seed, unit id), set through the shared `NoiseControl`; seeding per
+unit (not one stream for the model) keeps the noise identical even when a perturbed forward skips
+the layers below the lowest ZO unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    modality: str  # "vision" | "language"
+    layer: int  # 1-based, as in the paper (layer 1 is next to the input)
+    kind: str  # "moe" | "lora" | "adapter"
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}.{self.layer}.{self.kind}"
+
+
+class NoiseControl:
+    """Shared by all units of a model: `seed` set means reproducible noise for the next forwards."""
+
+    def __init__(self) -> None:
+        self.seed: Optional[int] = None
+
+    def generator(self, uid: int, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed((self.seed * 1_000_003 + uid * 7919) % (2**63 - 1))
+        return g
+
+
+class PeftUnit(nn.Module):
+    """Base class: a unit knows its place and draws noise only through `noise_generator`."""
+
+    parallel: bool = False  # True: called with the block input, output added after the MLP
+
+    def __init__(self, info: UnitInfo, uid: int, noise: NoiseControl):
+        super().__init__()
+        self.info = info
+        self.uid = uid
+        self._noise = noise  # plain attribute: not a submodule, not in state_dict
+
+    def noise_generator(self, device: torch.device) -> Optional[torch.Generator]:
+        return self._noise.generator(self.uid, device)
+
+    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Inverted dropout drawing its mask from the unit's generator (identity in eval mode)."""
+        if not self.training or p <= 0.0:
+            return x
+        keep = torch.rand(x.shape, generator=self.noise_generator(x.device), device=x.device, dtype=torch.float32) >= p
+        return x * keep.to(x.dtype) / (1.0 - p)
+
+    def randn(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(shape, generator=self.noise_generator(like.device), device=like.device, dtype=like.dtype)

@@ -1,0 +1,71 @@
+"""Every knob of the zeroth-order estimator and update, with the defaults mozo chose and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+RULES = ("sgd", "sign", "sign-scalar", "conservative", "adamw", "mozo")
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+# MoZO: sign normalisation plus a smaller perturbation on the vision tower (the paper gives no
+# values; these defaults come from `mozo sweep` on the demo stream, see docs/diagnostics.md).
+MOZO_EPS_VISION = 5e-4
+MOZO_EPS_LANGUAGE = 1e-3
+DEFAULT_EPS = 1e-3  # the paper's epsilon
+
+
+@dataclass
+class ZOConfig:
+    """Zeroth-order estimation and update.
+
+    rule:
+      sgd           g = mean_d c_d * z_d, theta -= lr * g      (aggressive ZO-SGD, one step per estimate)
+      sign          theta -= lr * sign(g), element-wise        (sign normalisation of the estimate)
+      sign-scalar   theta -= lr * mean_d sign(c_d) * z_d       (sign of the scalar directional derivative, ZeroFlow-style)
+      conservative  try theta - lr*g and theta + lr*g, keep whichever of them and theta has the lowest loss
+      adamw         torch AdamW applied to g as if it were a gradient
+      mozo          `sign` with eps_vision < eps_language (modality-aware ZO of the paper)
+    with c_d = (L(theta + eps*z_d) - L(theta)) / eps (one-sided, the paper's Eq. 2) or
+    (L(theta + eps*z_d) - L(theta - eps*z_d)) / (2*eps) (two-sided).
+
+    Defaults: one-sided, because the FO forward already yields L(theta) so a q=1 step costs one extra
+    forward; Gaussian directions, for which E[c z] is the gradient exactly (Rademacher is also unbiased
+    and has lower variance per coordinate; both are offered).
+    """
+
+    rule: str = "sgd"
+    lr: float = 1e-4
+    q: int = 1
+    two_sided: bool = False
+    distribution: str = "gaussian"
+    eps_vision: Optional[float] = None  # None: DEFAULT_EPS, or the MoZO default under rule=mozo
+    eps_language: Optional[float] = None
+    weight_decay: float = 0.0  # for rule=adamw
+    fo_at_perturbed: bool = False  # two-sided, q=1: take the FO gradient at theta+eps*z, saving one forward
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown zo.rule {self.rule!r}; choose one of {RULES}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown zo.distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}")
+        if self.q < 1:
+            raise ValueError(f"zo.q must be >= 1, got {self.q}")
+        if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
+            raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
+        for name in ("eps_vision", "eps_language"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"zo.{name} must be > 0, got {v}")
+
+    @property
+    def update(self) -> str:
+        """The update actually applied (`mozo` is `sign` with modality-aware epsilons)."""
+        return "sign" if self.rule == "mozo" else self.rule
+
+    def eps(self, modality: str) -> float:
+        explicit = self.eps_vision if modality == "vision" else self.eps_language
+        if explicit is not None:
+            return explicit
+        if self.rule == "mozo":
+            return MOZO_EPS_VISION if modality == "vision" else MOZO_EPS_LANGUAGE
+        return DEFAULT_EPS

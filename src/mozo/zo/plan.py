@@ -1,0 +1,126 @@
+"""Plans: which training units are optimized first-order (`fo`), zeroth-order (`zo`) or not at all.
+
+Grammar (layers are numbered 1..N from the input side, as in the paper):
+
+    PLAN    := PRESET | CLAUSE ('+' CLAUSE)*
+    PRESET  := fo | dual-zo | vision-zo | language-zo
+    CLAUSE  := TOWER ':' PATTERN
+    TOWER   := vision | language | dual            (dual = both towers)
+    PATTERN := hop-odd | hop-even | prefix-K | suffix-K | zo | fo | frozen | L1,L2,...
+
+Within a clause, the layers named by PATTERN are `zo` and the other layers of that tower stay `fo`
+(`zo`, `fo` and `frozen` set the whole tower). Towers no clause mentions stay `fo`. Later clauses
+override earlier ones for the towers they name.
+
+- hop-odd:  ZO on odd layers 1, 3, 5, ... (FO on 2, 4, 6, ...)
+- hop-even: ZO on even layers 2, 4, 6, ...
+- prefix-K: ZO on the first K layers 1..K (nearest the input)
+- suffix-K: ZO on the last K layers N-K+1..N
+- 1,5,9:    ZO on exactly these layers
+
+Examples: `vision-zo` (= vision:zo), `vision:hop-even`, `dual:suffix-6`, `vision:prefix-6+language:hop-odd`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mozo.backbone.towers import MODALITIES
+
+MODES = ("fo", "zo", "frozen")
+PRESETS = {
+    "fo": "dual:fo",
+    "dual-zo": "dual:zo",
+    "vision-zo": "vision:zo",
+    "language-zo": "language:zo",
+}
+GRAMMAR = __doc__.split("Grammar")[1].split("- hop-odd")[0].strip()
+
+
+class PlanError(ValueError):
+    def __init__(self, text: str, problem: str):
+        super().__init__(f"malformed plan {text!r}: {problem}.\nPlan grammar {GRAMMAR}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A resolved plan: mode of every (modality, layer). Built by `parse_plan` for a given model depth."""
+
+    text: str
+    modes: dict  # (modality, layer) -> "fo" | "zo" | "frozen"
+
+    def mode(self, modality: str, layer: int) -> str:
+        return self.modes[(modality, layer)]
+
+    def layers(self, modality: str, mode: str) -> list[int]:
+        return sorted(layer for (m, layer), md in self.modes.items() if m == modality and md == mode)
+
+    def has(self, mode: str, modality: str | None = None) -> bool:
+        return any(md == mode and (modality is None or m == modality) for (m, _), md in self.modes.items())
+
+    def describe(self) -> str:
+        parts = []
+        for m in MODALITIES:
+            parts.append(f"{m}: " + " ".join(f"{layer}:{self.modes[(m, layer)]}" for layer in sorted(l for (mm, l) in self.modes if mm == m)))
+        return "; ".join(parts)
+
+
+def _pattern_layers(pattern: str, n: int, text: str) -> list[int] | str:
+    """Layers named by a pattern, or a whole-tower mode."""
+    if pattern in MODES:
+        return pattern
+    if pattern == "hop-odd":
+        return list(range(1, n + 1, 2))
+    if pattern == "hop-even":
+        return list(range(2, n + 1, 2))
+    m = re.fullmatch(r"(prefix|suffix)-(\d+)", pattern)
+    if m:
+        k = int(m.group(2))
+        if not 0 <= k <= n:
+            raise PlanError(text, f"{pattern} needs 0 <= K <= {n} (the tower has {n} layers)")
+        return list(range(1, k + 1)) if m.group(1) == "prefix" else list(range(n - k + 1, n + 1))
+    if re.fullmatch(r"\d+(,\d+)*", pattern):
+        layers = sorted({int(x) for x in pattern.split(",")})
+        bad = [x for x in layers if not 1 <= x <= n]
+        if bad:
+            raise PlanError(text, f"layers {bad} are outside 1..{n}")
+        return layers
+    raise PlanError(text, f"unknown pattern {pattern!r}")
+
+
+def parse_plan(text: str, num_layers: dict[str, int]) -> Plan:
+    """Resolve `text` for towers of the given depths, e.g. {'vision': 12, 'language': 12}.
+
+    Units that do not exist (a tower without PEFT units) simply get no entry in `Plan.modes`.
+    """
+    source = text.strip()
+    spec = PRESETS.get(source, source)
+    modes = {(m, layer): "fo" for m, n in num_layers.items() for layer in range(1, n + 1)}
+    if not spec:
+        raise PlanError(text, "empty plan")
+    for clause in spec.split("+"):
+        if ":" not in clause:
+            raise PlanError(text, f"clause {clause!r} has no ':' (expected TOWER:PATTERN) and is not a preset {sorted(PRESETS)}")
+        tower, pattern = (s.strip() for s in clause.split(":", 1))
+        towers = list(num_layers) if tower == "dual" else [tower]
+        if tower != "dual" and tower not in MODALITIES:
+            raise PlanError(text, f"unknown tower {tower!r}")
+        for m in towers:
+            if m not in num_layers:
+                raise PlanError(text, f"the model has no PEFT units in the {m} tower")
+            n = num_layers[m]
+            chosen = _pattern_layers(pattern, n, text)
+            for layer in range(1, n + 1):
+                if isinstance(chosen, str):
+                    modes[(m, layer)] = chosen
+                else:
+                    modes[(m, layer)] = "zo" if layer in chosen else "fo"
+    return Plan(source, modes)
+
+
+def plan_for_model(text: str, model) -> Plan:
+    """Parse `text` against the units a MozoCLIP actually has (layers without units are dropped)."""
+    depths = {m: model.num_layers(m) for m in {u.info.modality for u in model.unit_list()}}
+    plan = parse_plan(text, depths)
+    present = {(u.info.modality, u.info.layer) for u in model.unit_list()}
+    return Plan(plan.text, {k: v for k, v in plan.modes.items() if k in present})
