@@ -355,6 +355,10 @@ def test_splits_partition_and_are_deterministic():
     ztrain, ztest = zscl_random_split(48)
     assert len(ztrain) == 38 and np.array_equal(np.sort(np.concatenate([ztrain, ztest])), np.arange(48))
     assert np.array_equal(zscl_random_split(48)[0], ztrain)
+    import torch
+
+    same, _ = torch.utils.data.random_split(range(48), [38, 10], generator=torch.Generator().manual_seed(42))
+    assert sorted(same.indices) == ztrain.tolist()  # exactly ZSCL's split_dataset
 
 
 def test_few_shot_keeps_k_per_class_deterministically(tmp_path):

@@ -92,7 +92,8 @@ def _image_files(folder: Path) -> list[Path]:
 def _class_folders(folder: Path, dataset: str, exclude: Iterable[str] = ()) -> tuple[list[Path], list[int], list[str]]:
     """The "one sub-folder per class" layout: (sorted paths, labels, sorted folder names)."""
     skip = set(exclude)
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in skip and not d.name.startswith("."))
+    classes = sorted(d.name for d in folder.iterdir()
+                     if d.is_dir() and d.name not in skip and not d.name.startswith("."))
     if not classes:
         raise DatasetLayoutError(folder, "one sub-folder of images per class", dataset)
     sources: list[Path] = []
@@ -125,7 +126,8 @@ def _lookup(index: dict[str, int], names: Iterable[str], listed_in: Path, datase
     try:
         return [index[n] for n in names]
     except KeyError as exc:
-        raise DatasetLayoutError(listed_in, f"only classes of the dataset's class list (unknown {exc})", dataset) from None
+        raise DatasetLayoutError(listed_in, f"only classes of the dataset's class list (unknown {exc})",
+                                 dataset) from None
 
 
 def _check_rule(split_rule: str) -> None:
@@ -278,7 +280,8 @@ def read_flowers(root: Path, split_rule: str = "stratified") -> Splits:
     key = "flowers"
     folder = _find_dir(Path(root), ["flowers-102"], key, "flowers-102/ with jpg/, imagelabels.mat and setid.mat")
     _require(folder / "jpg", key, "jpg/image_XXXXX.jpg")
-    labels = np.atleast_1d(_loadmat(folder / "imagelabels.mat", key, "'labels' (1-based)")["labels"]).astype(np.int64) - 1
+    labels = np.atleast_1d(_loadmat(folder / "imagelabels.mat", key, "'labels' (1-based)")["labels"])
+    labels = labels.astype(np.int64) - 1
     setid = _loadmat(folder / "setid.mat", key, "'trnid', 'valid', 'tstid' (1-based image ids)")
     n_classes = max(len(FLOWERS_NAMES), int(labels.max()) + 1)
     classes = [FLOWERS_NAMES[i] if i < len(FLOWERS_NAMES) else f"flower {i + 1}" for i in range(n_classes)]
@@ -342,14 +345,16 @@ def read_oxfordpet(root: Path) -> Splits:
     _require(folder / "images", key, "images/<Breed_name>_<n>.jpg")
 
     def rows(split: str) -> list[tuple[str, int]]:
-        lines = _read_lines(folder / "annotations" / f"{split}.txt", key, "lines '<image id> <class id> <species> <breed id>'")
+        lines = _read_lines(folder / "annotations" / f"{split}.txt", key,
+                            "lines '<image id> <class id> <species> <breed id>'")
         return sorted((ln.split()[0], int(ln.split()[1]) - 1) for ln in lines)
 
     train_rows, test_rows = rows("trainval"), rows("test")
     prefixes: dict[int, str] = {}
     for image_id, label in train_rows + test_rows:
         prefixes.setdefault(label, image_id.rsplit("_", 1)[0])
-    classes = [" ".join(w.title() for w in prefixes.get(i, f"pet_{i + 1}").split("_")) for i in range(max(prefixes) + 1)]
+    classes = [" ".join(w.title() for w in prefixes.get(i, f"pet_{i + 1}").split("_"))
+               for i in range(max(prefixes) + 1)]
 
     def part(split_rows: list[tuple[str, int]], split: str) -> LabelledImages:
         return _make(key, split, [folder / "images" / f"{i}.jpg" for i, _ in split_rows],

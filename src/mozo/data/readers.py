@@ -124,7 +124,8 @@ def read_cifar100(root: Path | str) -> Split:
     splits = []
     for split in ("train", "test"):
         images, labels = _cifar_split(base / split, len(classnames))
-        splits.append(LabelledImages(images, labels, classnames, name="cifar100", meta={"root": str(base), "split": split}))
+        meta = {"root": str(base), "split": split}
+        splits.append(LabelledImages(images, labels, classnames, name="cifar100", meta=meta))
     return splits[0], splits[1]
 
 
@@ -170,7 +171,8 @@ def read_tinyimagenet(root: Path | str) -> Split:
     train_sources: list[Path] = []
     train_labels: list[int] = []
     for wnid in wnids:
-        folder = _require_dir(train_dir / wnid / "images", f"the training images of class {wnid} (*.JPEG)", TINYIMAGENET)
+        folder = _require_dir(train_dir / wnid / "images", f"the training images of class {wnid} (*.JPEG)",
+                              TINYIMAGENET)
         files = list_images(folder)
         if not files:
             raise DatasetLayoutError(folder, f"at least one image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
@@ -358,7 +360,8 @@ def read_imagenet_r(root: Path | str, seed: int = 0, test_fraction: float = 0.2)
         train_lab += [label] * len(train)
         test_src += test
         test_lab += [label] * len(test)
-    meta = {"root": str(base), "wnids": [p.name for p in class_dirs], "split_seed": seed, "test_fraction": test_fraction}
+    meta = {"root": str(base), "wnids": [p.name for p in class_dirs], "split_seed": seed,
+            "test_fraction": test_fraction}
     return (LabelledImages(train_src, train_lab, classnames, "imagenet-r", {**meta, "split": "train"}),
             LabelledImages(test_src, test_lab, classnames, "imagenet-r", {**meta, "split": "test"}))
 
@@ -389,7 +392,8 @@ def read_imagefolder(root: Path | str) -> Split:
     """
     root_path = Path(root).expanduser()
     _require_dir(root_path, "an existing folder with train/<class>/ and test/<class>/ (or val/<class>/)", IMAGEFOLDER)
-    train_dir = _require_dir(root_path / "train", "a folder train/ with one sub-folder of images per class", IMAGEFOLDER)
+    train_dir = _require_dir(root_path / "train", "a folder train/ with one sub-folder of images per class",
+                             IMAGEFOLDER)
     test_dir = root_path / "test" if (root_path / "test").is_dir() else root_path / "val"
     if not test_dir.is_dir():
         raise DatasetLayoutError(root_path / "test", "a folder test/ (or val/) with one sub-folder of images per class",

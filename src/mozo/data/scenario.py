@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -60,8 +61,7 @@ def _check_permutation(order: Sequence[int], n: int, what: str) -> None:
     if len(order) != n:
         raise ValueError(f"{what} has {len(order)} entries but the dataset has {n} classes")
     if sorted(order) != list(range(n)):
-        seen: set[int] = set()
-        dup = sorted({c for c in order if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
+        dup = sorted(c for c, count in Counter(order).items() if count > 1)
         missing = sorted(set(range(n)) - set(order))
         raise ValueError(f"{what} is not a permutation of 0..{n - 1}: duplicates {dup[:10]}, missing {missing[:10]}")
 
@@ -221,7 +221,8 @@ def class_incremental(
     _check_permutation(order, n, f"class order for {dataset_name!r}")
     initial = increment if not initial_increment else int(initial_increment)
     if increment <= 0 or initial <= 0:
-        raise ValueError(f"increments must be positive, got initial_increment={initial_increment}, increment={increment}")
+        raise ValueError(f"increments must be positive, got initial_increment={initial_increment}, "
+                         f"increment={increment}")
     if initial > n or (n - initial) % increment:
         raise ValueError(f"initial_increment {initial} + k * increment {increment} must cover exactly the {n} classes "
                          f"of {dataset_name!r} ({n - initial} classes remain after the first task)")
@@ -250,7 +251,8 @@ def class_incremental(
 
 # ---------------------------------------------------------------------------------------- protocols
 CIL_PROTOCOLS: dict[str, dict[str, Any]] = {
-    "cifar100-10-10": dict(dataset="cifar100", num_classes=100, initial_increment=10, increment=10, order_key="cifar100"),
+    "cifar100-10-10": dict(dataset="cifar100", num_classes=100, initial_increment=10, increment=10,
+                           order_key="cifar100"),
     "cifar100-5-5": dict(dataset="cifar100", num_classes=100, initial_increment=5, increment=5, order_key="cifar100"),
     "cifar100-2-2": dict(dataset="cifar100", num_classes=100, initial_increment=2, increment=2, order_key="cifar100"),
     "tinyimagenet-100-5": dict(dataset="tinyimagenet", num_classes=200, initial_increment=100, increment=5,

@@ -1,0 +1,332 @@
+"""The task loop: train each task with the hybrid step, evaluate, checkpoint, write results.json.
+
+Everything that decides a run's outcome is a function of the configuration and of counters that
+checkpoints store (task, epoch, batch, ZO step index): data order and augmentations are seeded by
+(seed, epoch, index), ZO directions and unit noise by (seed, step), so a resumed run ends exactly
+where an uninterrupted one ends.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mozo.backbone.clip import load_backbone
+from mozo.data.loader import TransformedDataset, make_loader
+from mozo.data.scenario import Scenario
+from mozo.data.transforms import make_transform
+from mozo.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mozo.engine.config import RunConfig, from_dict, to_dict
+from mozo.engine.distributed import DistContext
+from mozo.engine.step import HybridStep, NonFiniteLossError
+from mozo.metrics.summary import summarize
+from mozo.peft.inject import MozoCLIP
+from mozo.zo.directions import mix_seed
+from mozo.zo.plan import plan_for_model
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised after the checkpoint was saved on Ctrl-C (or a test's simulated interrupt)."""
+
+
+class _Interrupt:
+    """Turns SIGINT into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self._old = signal.signal(signal.SIGINT, lambda *_: setattr(self, "requested", True))
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` iterations, then cosine decay to 0 (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Runner:
+    """One run: a model, a scenario, a run directory. `run()` trains and evaluates every task."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, scenario: Scenario, dist: DistContext | None = None,
+                 progress: bool = True, interrupt_after_steps: Optional[int] = None):
+        self.cfg, self.scenario = cfg, scenario
+        self.dist = dist or DistContext(device=_device(cfg.device))
+        self.out = Path(out_dir)
+        self.progress = progress and self.dist.is_main
+        self.interrupt_after_steps = interrupt_after_steps  # tests: simulate Ctrl-C after this many steps
+        self.device = self.dist.device
+        torch.manual_seed(cfg.seed)
+        self.backbone = load_backbone(cfg.backbone, self.device, seed=cfg.seed)
+        self.model = MozoCLIP(self.backbone, cfg.peft)
+        self.plan = plan_for_model(cfg.plan, self.model)
+        self.tasks = scenario.tasks[: cfg.num_tasks] if cfg.num_tasks else scenario.tasks
+        n = len(self.tasks)
+        self.state: dict[str, Any] = {
+            "task": 0, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
+            "skipped_images": 0, "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
+            "wall_time_s": 0.0, "step_times": [], "steps": 0, "optimizer": None, "zo_optimizer": None,
+        }
+        self._n_tasks = n
+        self._log_file = None
+
+    # -- persistence ---------------------------------------------------------------------------
+    def log(self, event: str, **fields: Any) -> None:
+        if not self.dist.is_main:
+            return
+        if self._log_file is None:
+            self._log_file = open(self.out / "events.jsonl", "a")
+        self._log_file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        self._log_file.flush()
+
+    def save(self, step: HybridStep | None) -> None:
+        if step is not None:
+            self.state["optimizer"] = step.fo_optimizer.state_dict() if step.fo_optimizer else None
+            self.state["zo_optimizer"] = step.zo_optimizer.state_dict() if step.zo_optimizer else None
+            self.state["zo_step"] = step.step_index
+        if self.dist.is_main:
+            save_checkpoint(self.out, self.model.units.state_dict(), {**self.state, "rng": rng_state(), "config": to_dict(self.cfg)})
+        self.dist.barrier()
+
+    def restore(self) -> None:
+        units, state = load_checkpoint(self.out)
+        saved_cfg = from_dict(state.pop("config"))
+        if to_dict(saved_cfg) != to_dict(self.cfg):
+            raise ValueError(f"the configuration differs from the one the run in {self.out} started with; "
+                             "resume with the same preset and overrides (see config.json there)")
+        missing = self.model.units.load_state_dict({k: v.to(self.device) for k, v in units.items()})
+        set_rng_state(state.pop("rng"))
+        self.state.update(state)
+        self.log("resumed", task=self.state["task"], batch=self.state["batch"], missing=str(missing))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_features(self, classnames: list[str]) -> torch.Tensor:
+        prompts = [self.cfg.data.template.format(c) for c in classnames]
+        feats = []
+        for i in range(0, len(prompts), 256):
+            feats.append(self.model.encode_texts(self.backbone.tokenize(prompts[i:i + 256], self.device)))
+        return torch.cat(feats)
+
+    def _eval_transform(self):
+        return make_transform(False, self.backbone.image_size, self.backbone.mean, self.backbone.std)
+
+    @torch.no_grad()
+    def accuracy(self, task_index: int, classnames: list[str]) -> tuple[float, int]:
+        """Accuracy (%) of the current model on a task's test set against `classnames`, sharded over ranks."""
+        images = self.tasks[task_index].test
+        if self.cfg.eval_max_samples and len(images) > self.cfg.eval_max_samples:
+            pick = np.random.default_rng(mix_seed(self.cfg.seed, task_index) % 2**32).permutation(len(images))
+            images = images.subset(np.sort(pick[: self.cfg.eval_max_samples]))
+        self.model.eval()
+        text = self.text_features(classnames)
+        ds = TransformedDataset(images, self._eval_transform(), seed=self.cfg.seed, skip_corrupt=self.cfg.data.skip_corrupt)
+        loader = make_loader(ds, self.cfg.data.eval_batch_size, shuffle=False, num_workers=self.cfg.data.num_workers,
+                             rank=self.dist.rank, world_size=self.dist.world_size, pad_last=False)
+        correct = torch.zeros(2, dtype=torch.float64)
+        for pixels, labels, skipped in tqdm(loader, desc=f"eval {self.tasks[task_index].name}", leave=False, disable=not self.progress):
+            self.state["skipped_images"] += skipped
+            if len(labels) == 0:
+                continue
+            pred = self.model.logits(self.model.encode_images(pixels.to(self.device)), text).argmax(-1).cpu()
+            correct += torch.tensor([(pred == labels).sum().item(), len(labels)], dtype=torch.float64)
+        correct = self.dist.reduce_sum(correct)
+        return 100.0 * float(correct[0]) / max(1.0, float(correct[1])), int(correct[1])
+
+    def evaluate_after(self, t: int) -> list[Optional[float]]:
+        """Row t of the accuracy matrix (DESIGN section 2)."""
+        sc, n = self.scenario, self._n_tasks
+        if sc.protocol == "cil":
+            names = sc.eval_classnames(t)
+            return [self.accuracy(j, names)[0] if j <= t else None for j in range(n)]
+        return [self.accuracy(j, sc.eval_classnames(j))[0] for j in range(n)]
+
+    # -- training ------------------------------------------------------------------------------
+    def make_step(self, t: int) -> HybridStep:
+        step = HybridStep(self.model, self.plan, self.cfg.zo, fo_lr=self.cfg.train.lr, fo_weight_decay=self.cfg.train.weight_decay,
+                          seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision,
+                          reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads)
+        step.step_index = self.state["zo_step"]
+        if self.state["optimizer"] is not None and step.fo_optimizer is not None:
+            step.fo_optimizer.load_state_dict(self.state["optimizer"])
+        if self.state["zo_optimizer"] is not None and step.zo_optimizer is not None:
+            step.zo_optimizer.load_state_dict(self.state["zo_optimizer"])
+        return step
+
+    def train_task(self, t: int, interrupt: _Interrupt) -> None:
+        cfg, task = self.cfg, self.tasks[t]
+        offset = task.label_offset
+        label_map = {lab: lab - offset for lab in task.labels}
+        train_tf = make_transform(True, self.backbone.image_size, self.backbone.mean, self.backbone.std)
+        ds = TransformedDataset(task.train, train_tf, seed=mix_seed(cfg.seed, t), label_map=label_map, skip_corrupt=cfg.data.skip_corrupt)
+        per_epoch = math.ceil(len(ds) / cfg.train.batch_size)
+        total = per_epoch * cfg.train.epochs
+        if cfg.train.max_steps_per_task is not None:
+            total = min(total, cfg.train.max_steps_per_task)
+        text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device)
+        step = self.make_step(t)
+        bar = tqdm(total=total, initial=self.state["epoch"] * per_epoch + self.state["batch"], desc=f"task {t + 1}/{self._n_tasks} {task.name} [{cfg.plan}]", disable=not self.progress)
+        while self.state["epoch"] < cfg.train.epochs:
+            done = self.state["epoch"] * per_epoch + self.state["batch"]
+            if done >= total:
+                break
+            loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=mix_seed(cfg.seed, t), epoch=self.state["epoch"],
+                                 num_workers=cfg.data.num_workers, start_batch=self.state["batch"],
+                                 rank=self.dist.rank, world_size=self.dist.world_size)
+            for pixels, labels, skipped in loader:
+                done = self.state["epoch"] * per_epoch + self.state["batch"]
+                if done >= total:
+                    break
+                self.state["skipped_images"] += skipped
+                factor = lr_factor(done, total, cfg.train.warmup_iters, cfg.train.schedule)
+                if step.fo_optimizer is not None:
+                    for group in step.fo_optimizer.param_groups:
+                        group["lr"] = cfg.train.lr * factor
+                step.zo_lr = cfg.zo.lr * factor
+                start = time.perf_counter()
+                try:
+                    stats = step(pixels.to(self.device), labels.to(self.device), text_inputs)
+                except NonFiniteLossError as exc:
+                    if not cfg.train.skip_nonfinite:
+                        self.log("nonfinite", task=t, batch=self.state["batch"], message=str(exc))
+                        raise NonFiniteLossError(f"{exc} (task {t + 1}, step {done + 1}). The last good checkpoint in "
+                                                 f"{self.out / 'checkpoint'} is kept; resume with --resume after fixing the cause.") from None
+                    self.state["skipped_nonfinite"] += 1
+                    step.step_index += 1
+                    stats = None
+                elapsed = time.perf_counter() - start
+                self.state["batch"] += 1
+                self.state["steps"] += 1
+                if stats is not None:
+                    self.state["step_times"].append(elapsed)
+                    self.state["forward_passes"] += stats.forward_passes
+                    self.state["backward_passes"] += stats.backward_passes
+                    for m, v in stats.tower_forwards.items():
+                        self.state["tower_forwards"][m] += v
+                    self.log("step", task=t, step=done + 1, loss=stats.loss, lr=cfg.train.lr * factor, time_s=elapsed,
+                             zo_coefs=stats.zo.coefs if stats.zo else None)
+                    bar.set_postfix(loss=f"{stats.loss:.3f}")
+                bar.update(1)
+                if cfg.train.checkpoint_every and self.state["steps"] % cfg.train.checkpoint_every == 0:
+                    self.save(step)
+                if self.interrupt_after_steps is not None and self.state["steps"] >= self.interrupt_after_steps:
+                    interrupt.requested = True
+                if interrupt.requested:
+                    self.save(step)
+                    bar.close()
+                    self.log("interrupted", task=t, batch=self.state["batch"])
+                    raise RunInterrupted(f"interrupted; checkpoint saved in {self.out / 'checkpoint'}; continue with: mozo run --resume {self.out}")
+            else:
+                self.state["epoch"] += 1
+                self.state["batch"] = 0
+                continue
+            break
+        bar.close()
+        self.state["zo_step"] = step.step_index
+        self._last_step = step
+
+    def run(self, resume: bool = False) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore()
+        elif self.dist.is_main:
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
+        t0 = time.perf_counter() - self.state["wall_time_s"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts())
+        with _Interrupt() as interrupt:
+            while self.state["task"] < self._n_tasks:
+                t = self.state["task"]
+                self.train_task(t, interrupt)
+                row = self.evaluate_after(t)
+                self.state["acc_matrix"].append(row)
+                self.log("eval", task=t, row=row)
+                self.state.update(task=t + 1, epoch=0, batch=0, optimizer=None, zo_optimizer=None)
+                self.state["wall_time_s"] = time.perf_counter() - t0
+                self.save(None)
+        self.state["wall_time_s"] = time.perf_counter() - t0
+        results = self.results()
+        if self.dist.is_main:
+            _atomic_write(self.out / "results.json", json.dumps(results, indent=1))
+        self.log("done", summary=results["summary"])
+        return results
+
+    def results(self) -> dict:
+        sc, s = self.scenario, self.state
+        names = [t.name for t in self.tasks]
+        sizes = [len(t.test) if not self.cfg.eval_max_samples else min(len(t.test), self.cfg.eval_max_samples) for t in self.tasks]
+        summary = summarize(s["acc_matrix"], sc.protocol, sizes)
+        return {
+            "protocol": sc.protocol, "scenario": sc.name, "tasks": names, "task_test_sizes": sizes,
+            "acc_matrix": s["acc_matrix"], "summary": summary, "config": to_dict(self.cfg),
+            "plan": self.plan.describe(), "cost": self.cost(),
+        }
+
+    def cost(self) -> dict:
+        s = self.state
+        counts = self.model.trainable_parameter_counts()
+        by_mode: dict[str, int] = {}
+        for u in self.model.unit_list():
+            key = f"{u.info.modality}.{self.plan.mode(u.info.modality, u.info.layer)}"
+            by_mode[key] = by_mode.get(key, 0) + sum(p.numel() for p in u.parameters())
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
+        else:
+            import resource
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+        return {
+            "trainable_params": {"total": counts["total"], "by_part": by_mode, "by_kind": counts},
+            "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
+            "wall_time_s": s["wall_time_s"], "step_time_s": statistics.median(s["step_times"]) if s["step_times"] else None,
+            "steps": s["steps"], "forward_passes": s["forward_passes"], "backward_passes": s["backward_passes"],
+            "tower_forwards": s["tower_forwards"], "skipped_nonfinite_steps": s["skipped_nonfinite"],
+            "skipped_images": s["skipped_images"], "world_size": self.dist.world_size,
+            "comm_bytes_per_step": (self.dist.bytes_communicated / s["steps"]) if s["steps"] else 0.0,
+        }
+
+
+def _device(spec: str) -> torch.device:
+    from mozo.engine.distributed import resolve_device
+
+    return resolve_device(spec)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_experiment(cfg: RunConfig, out_dir: str | Path, scenario: Scenario | None = None, data_root: str | Path | None = None,
+                   resume: bool = False, progress: bool = True, dist: DistContext | None = None,
+                   interrupt_after_steps: Optional[int] = None) -> dict:
+    """Run (or resume) one experiment and return its results.json content."""
+    if scenario is None:
+        from mozo.engine.scenarios import build_scenario
+
+        scenario = build_scenario(cfg, data_root)
+    runner = Runner(cfg, out_dir, scenario, dist=dist, progress=progress, interrupt_after_steps=interrupt_after_steps)
+    return runner.run(resume=resume)
