@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -125,13 +126,14 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
 
     for _ in range(spec.warmup):
         out = run()
-    times = []
+    times, cpu_times = [], []
     for _ in range(spec.steps):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = run()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
 
     state = live_state_tensors(model, pixels, labels, text,
                                step.fo_optimizer if step else None, step.zo_optimizer if step else None)
@@ -154,6 +156,7 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
         "saved_tensors": saved.tensors,
         "step_time_s": statistics.median(times) if times else None,
         "step_times_s": times,
+        "step_cpu_time_s": statistics.median(cpu_times) if cpu_times else None,
         "forward_passes": passes[0],
         "backward_passes": passes[1],
         "tower_forwards": tower_forwards,
@@ -171,15 +174,28 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
     }
 
 
+def run_child(spec: dict, plan: str, out: str, err: Optional[str] = None) -> None:
+    """Entry of a measuring process: measure `plan`, write the row to `out` as JSON.
+
+    With `err`, the process's stderr (file descriptor 2, which also receives the profiler's C++
+    start/stop lines) goes to that file; the parent relays what matters.
+    """
+    if err is not None:
+        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stderr.flush()
+        os.dup2(fd, 2)
+        os.close(fd)
+    row = measure_plan(BenchSpec(**spec), plan)
+    Path(out).write_text(json.dumps(row, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mozo.bench.measure", description="measure one plan (one row of mozo bench)")
     parser.add_argument("--spec", required=True, help="BenchSpec as JSON")
     parser.add_argument("--plan", required=True)
     parser.add_argument("--out", required=True, help="write the row here as JSON")
     args = parser.parse_args(argv)
-    spec = BenchSpec(**json.loads(args.spec))
-    row = measure_plan(spec, args.plan)
-    Path(args.out).write_text(json.dumps(row, indent=2))
+    run_child(json.loads(args.spec), args.plan, args.out)
     return 0
 
 

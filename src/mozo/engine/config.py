@@ -25,15 +25,17 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class DataConfig:
-    protocol: str = "cifar100-10-10"  # a CIL protocol, mtcl-order1/2, imagefolder, or demo
+    protocol: str = "cifar100-10-10"  # a CIL protocol preset, mtcl-order1/2[-5shot], cil (custom split), or demo
     template: str = "a bad photo of a {}."
     few_shot: Optional[int] = None  # k training images per class
     num_workers: int = 0
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
     eval_batch_size: int = 256
     datasets: Optional[list[str]] = None  # mtcl: restrict/override the dataset sequence
-    initial_increment: Optional[int] = None  # imagefolder: classes in the first task (None: increment)
-    increment: Optional[int] = None  # imagefolder: classes per task
+    dataset: Optional[str] = None  # protocol=cil: reader name (cifar100, tinyimagenet, imagenet-r, imagefolder)
+    order: Optional[str] = None  # protocol=cil: class order key of class_orders.yaml (None: dataset order)
+    initial_increment: Optional[int] = None  # protocol=cil: classes in the first task (None: increment)
+    increment: Optional[int] = None  # protocol=cil: classes per task
 
 
 @dataclass

@@ -26,7 +26,7 @@ from mozo.data.scenario import Scenario
 from mozo.data.transforms import make_transform
 from mozo.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mozo.engine.config import RunConfig, from_dict, to_dict
-from mozo.engine.distributed import DistContext
+from mozo.engine.distributed import TRAIN_KINDS, DistContext
 from mozo.engine.step import HybridStep, NonFiniteLossError
 from mozo.metrics.summary import summarize
 from mozo.peft.inject import MozoCLIP
@@ -84,6 +84,10 @@ class Runner:
         self.plan = plan_for_model(cfg.plan, self.model)
         self.tasks = scenario.tasks[: cfg.num_tasks] if cfg.num_tasks else scenario.tasks
         n = len(self.tasks)
+        empty = [t.name for t in self.tasks if len(t.test) == 0]
+        if empty:
+            raise ValueError(f"tasks {empty} have no test images, so their accuracy is undefined; "
+                             "check the dataset's test split (docs/datasets.md)")
         self.state: dict[str, Any] = {
             "task": 0, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
             "skipped_images": 0, "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
@@ -169,6 +173,7 @@ class Runner:
                           seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision,
                           reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads)
         step.step_index = self.state["zo_step"]
+        step.noise_rank = self.dist.rank
         if self.state["optimizer"] is not None and step.fo_optimizer is not None:
             step.fo_optimizer.load_state_dict(self.state["optimizer"])
         if self.state["zo_optimizer"] is not None and step.zo_optimizer is not None:
@@ -219,6 +224,8 @@ class Runner:
                 elapsed = time.perf_counter() - start
                 self.state["batch"] += 1
                 self.state["steps"] += 1
+                if stats is not None and self.dist.check_sync:  # MOZO_CHECK_ZO_SYNC=1: replicas must stay bitwise equal
+                    self.dist.check_synced(self.model.units.named_parameters(), f"task {t + 1} step {done + 1}")
                 if stats is not None:
                     self.state["step_times"].append(elapsed)
                     self.state["forward_passes"] += stats.forward_passes
@@ -233,7 +240,7 @@ class Runner:
                     self.save(step)
                 if self.interrupt_after_steps is not None and self.state["steps"] >= self.interrupt_after_steps:
                     interrupt.requested = True
-                if interrupt.requested:
+                if self.dist.any(interrupt.requested):  # a Ctrl-C seen by any rank stops all at this step
                     self.save(step)
                     bar.close()
                     self.log("interrupted", task=t, batch=self.state["batch"])
@@ -254,6 +261,8 @@ class Runner:
         elif self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
         t0 = time.perf_counter() - self.state["wall_time_s"]
+        # comm counters live in this process: per-step volumes use the steps run here (not the resumed ones)
+        self._steps_at_start, self._comm_at_start = self.state["steps"], dict(self.dist.payload_bytes)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts())
@@ -304,8 +313,19 @@ class Runner:
             "steps": s["steps"], "forward_passes": s["forward_passes"], "backward_passes": s["backward_passes"],
             "tower_forwards": s["tower_forwards"], "skipped_nonfinite_steps": s["skipped_nonfinite"],
             "skipped_images": s["skipped_images"], "world_size": self.dist.world_size,
-            "comm_bytes_per_step": (self.dist.bytes_communicated / s["steps"]) if s["steps"] else 0.0,
+            **self._comm_cost(),
         }
+
+    def _comm_cost(self) -> dict:
+        """Training all-reduce volume per step (eval counted apart). `comm_payload_bytes_per_step` is what each rank
+        contributes per step by kind whatever the world size (also on one process, where nothing is sent)."""
+        start = getattr(self, "_comm_at_start", {})
+        delta = {k: v - start.get(k, 0) for k, v in self.dist.payload_bytes.items()}
+        steps = self.state["steps"] - getattr(self, "_steps_at_start", 0)
+        per_step = {k: delta.get(k, 0) / steps if steps else 0.0 for k in TRAIN_KINDS}
+        return {"comm_bytes_per_step": sum(per_step.values()) if self.dist.active else 0.0,
+                "comm_payload_bytes_per_step": per_step, "comm_eval_bytes": delta.get("eval", 0),
+                "comm_backend": self.dist.backend}
 
 
 def _device(spec: str) -> torch.device:

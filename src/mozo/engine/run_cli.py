@@ -44,7 +44,11 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"mozo run: {exc}", file=sys.stderr)
         return 2
-    dist = init_distributed(cfg.distributed_backend, cfg.device)
+    try:
+        dist = init_distributed(cfg.distributed_backend, cfg.device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"mozo run: {exc}", file=sys.stderr)
+        return 2
     try:
         results = run_experiment(cfg, out, data_root=data_root, resume=bool(args.resume), progress=not args.no_progress, dist=dist)
     except RunInterrupted as exc:

@@ -61,6 +61,8 @@ class HybridStep:
         self.reduce_scalars = reduce_scalars or (lambda t: t)
         self.reduce_grads = reduce_grads
         self.step_index = 0  # the ZO seed counter: checkpoints store it
+        self.noise_rank = 0  # data-parallel rank: dropout/router noise differs per rank (rank 0 = one-process stream)
+        self._nonfinite: Optional[str] = None
         self.zo_lr = self.zo.lr
 
         units = {mode: [u for u in model.unit_list() if self.plan.mode(u.info.modality, u.info.layer) == mode] for mode in ("fo", "zo", "frozen")}
@@ -100,17 +102,23 @@ class HybridStep:
         counts["forward"] += 1
         return loss
 
-    @staticmethod
-    def _check(loss: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or epsilon, or enable train.skip_nonfinite")
+    def _noise_seed(self, k: int) -> int:
+        # Rank 0 keeps the one-process stream; other ranks draw independent masks for their shard.
+        return mix_seed(self.seed, k, 0) if self.noise_rank == 0 else mix_seed(self.seed, k, 0, self.noise_rank)
+
+    def _check(self, loss: torch.Tensor, where: str) -> None:
+        # Recorded, raised after the step's scalar all-reduce: in a data-parallel run a rank raising alone
+        # would leave the other ranks waiting in a collective forever.
+        if self._nonfinite is None and not torch.isfinite(loss).all():
+            self._nonfinite = f"non-finite loss ({loss.item()}) at {where}"
 
     # -- the step --------------------------------------------------------------------------------
     def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor, text_inputs: dict) -> StepStats:
         model, cfg = self.model, self.zo
         model.train()
         k = self.step_index
-        noise_seed = mix_seed(self.seed, k, 0)
+        noise_seed = self._noise_seed(k)
+        self._nonfinite = None
         seeds = [mix_seed(self.seed, k, d + 1) for d in range(cfg.q)]
         counts: Counter = Counter()
         inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
@@ -136,9 +144,8 @@ class HybridStep:
             feats = {m: f.detach() for m, f in feats.items()}
             loss0 = loss0.detach()
 
-            record = None
+            record, diffs = None, []
             if self.zo_towers:
-                diffs = []
                 for seed in seeds:
                     current = seed
                     if offset == 0.0:
@@ -161,7 +168,15 @@ class HybridStep:
                     offset = 0.0
                 if cfg.fo_at_perturbed:
                     loss0 = (plus + minus) / 2  # the loss at theta, to first order
-                diffs_t = self.reduce_scalars(torch.stack(diffs).float())
+            # One all-reduce for every scalar of the step: the q loss differences and the loss. A non-finite
+            # value on any rank is non-finite on all of them after it, so all ranks raise here together,
+            # before any parameter has moved.
+            scalars = self.reduce_scalars(torch.cat([d.reshape(-1) for d in diffs] + [loss0.reshape(-1)]).float())
+            if self._nonfinite is not None or not torch.isfinite(scalars).all():
+                raise NonFiniteLossError(f"{self._nonfinite or 'non-finite loss on another rank'}; lower the learning rate "
+                                         "or epsilon, or enable train.skip_nonfinite")
+            diffs_t, loss_mean = scalars[:-1], float(scalars[-1])
+            if self.zo_towers:
                 denom = 2.0 if cfg.two_sided else 1.0
                 coefs = {m: [float(x) / (denom * cfg.eps(m)) for x in diffs_t] for m in self.zo_towers}
                 record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
@@ -181,7 +196,7 @@ class HybridStep:
         finally:
             model.noise.seed = None
         self.step_index += 1
-        return StepStats(float(self.reduce_scalars(loss0.reshape(1))[0]), counts["forward"], counts["backward"],
+        return StepStats(loss_mean, counts["forward"], counts["backward"],
                          {m: counts[f"tower:{m}"] for m in MODALITIES}, {m: counts[f"layers:{m}"] for m in MODALITIES}, record)
 
     @torch.no_grad()
@@ -209,7 +224,7 @@ class HybridStep:
                     p.add_(g, alpha=scale)
 
         move(-lr)
-        self.model.noise.seed = mix_seed(self.seed, record.step, 0)
+        self.model.noise.seed = self._noise_seed(record.step)
         minus = self._zo_loss(cache, feats, labels, counts)
         move(2 * lr)
         plus = self._zo_loss(cache, feats, labels, counts)

@@ -1,0 +1,214 @@
+"""`mozo diagnose`: variance, norm and cosine of the ZO estimate per unit, across epsilon and q.
+
+Examples:
+    mozo diagnose --backbone tiny --data random --json diag.json
+    mozo diagnose --backbone mozo-tiny --data demo --rank 16 --warmup-steps 20 --json d.json --plots docs/img
+    mozo diagnose --checkpoint runs/demo-fo --data demo --json d.json
+    mozo diagnose --backbone vit-b-16 --batch 2 --directions 16 --eps 1e-3 --q 1,4,16 --json vitb.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return vals
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "\n".join(__doc__.split("\n")[2:]) + "\nFields and their definitions: docs/diagnostics.md"
+    p.add_argument("--backbone", default=None, help="tiny | vit-b-16 (random init) | mozo-tiny (shipped demo model) | hub id | "
+                   "save_pretrained folder (default: the checkpoint's run config, else tiny)")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_DIR", help="load units from RUN_DIR/checkpoint/units.safetensors "
+                   "(backbone and PEFT settings from RUN_DIR/config.json unless given)")
+    p.add_argument("--peft", default=None, choices=("moe", "lora", "adapter"), help="unit kind (default moe)")
+    p.add_argument("--rank", type=int, default=None, help="expert/adapter bottleneck width (default 64, the paper's)")
+    p.add_argument("--data", default="demo", choices=("demo", "random"), help="batch source: demo stream task 0 "
+                   "(falls back to random, and says so, when the demo stream is missing) or random images/prompts")
+    p.add_argument("--batch", type=int, default=4, help="images in the diagnostic batch")
+    p.add_argument("--eps", type=_floats, default=[1e-4, 1e-3, 1e-2], help="comma-separated epsilons")
+    p.add_argument("--q", type=_ints, default=[1, 4, 16], help="comma-separated numbers of averaged directions for the cosine")
+    p.add_argument("--directions", type=int, default=32, help="directions N per unit (cosine repeats = N // q)")
+    p.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
+    p.add_argument("--two-sided", action="store_true", help="central differences instead of the one-sided Eq. 2")
+    p.add_argument("--block", default="unit", choices=("unit", "tower"), help="ZO block: one unit (the paper's) or a whole tower")
+    p.add_argument("--layers", type=_ints, default=None, help="only these layers (both towers), e.g. 1,6,12")
+    p.add_argument("--modalities", default="vision,language", help="towers to measure")
+    p.add_argument("--warmup-steps", type=int, default=0, help="first-order steps (plan fo) on the batch source before measuring; "
+                   "fresh MoE adapters have zero `up` weights, so at init every `down` gradient is exactly 0")
+    p.add_argument("--warmup-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full report here")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write diag_*.png figures here")
+    p.add_argument("--plot-prefix", default="diag")
+    p.add_argument("--ref-eps", type=float, default=None, help="epsilon of the per-layer and per-q figures and the printed table (default: nearest 1e-3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def resolve_backbone(spec: str, device):
+    """load_backbone, plus `mozo-tiny` -> the packaged src/mozo/assets/tiny-clip when the loader lacks the alias."""
+    from mozo.backbone.clip import ASSETS, load_backbone
+
+    if spec != "mozo-tiny":
+        return load_backbone(spec, device)
+    folder = ASSETS / "tiny-clip"
+    try:
+        return load_backbone(spec, device, local_only=True)
+    except Exception:
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the shipped tiny CLIP is missing ({folder}); create it with `mozo pretrain-tiny`") from None
+        return load_backbone(str(folder), device)
+
+
+def build_model(args):
+    """(model, backbone, description of where the units come from, run config or None)."""
+    from mozo.peft.inject import MozoCLIP, PeftConfig
+
+    run_cfg = None
+    if args.checkpoint:
+        cfg_path = Path(args.checkpoint) / "config.json"
+        if cfg_path.exists():
+            from mozo.engine.config import from_dict
+
+            run_cfg = from_dict(json.loads(cfg_path.read_text()))
+    spec = args.backbone or (run_cfg.backbone if run_cfg else "tiny")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    bb = resolve_backbone(spec, device)
+    peft = run_cfg.peft if run_cfg else PeftConfig()
+    if args.peft:
+        peft.kind = args.peft
+    if args.rank:
+        peft.rank = args.rank
+    torch.manual_seed(args.seed)
+    model = MozoCLIP(bb, peft)
+    return model, bb, spec, run_cfg
+
+
+def _fp32_ulp(x: float) -> float:
+    """Spacing of fp32 numbers at |x|: the smallest loss difference fp32 can represent there."""
+    if x == 0:
+        return float(torch.finfo(torch.float32).tiny)
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 23)
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_summary(report: dict, ref: int, out=sys.stdout) -> None:
+    eps = report["estimator"]["eps"][ref]
+    qs = report["estimator"]["q"]
+    print(f"\nbackbone {report['backbone']} | {report['state']['description']} | data: {report['data']['note']}", file=out)
+    print(f"loss {report['loss_autograd']:.4f} | eps {eps:g} | {report['estimator']['directions']} directions "
+          f"({report['estimator']['distribution']}, {'two' if report['estimator']['two_sided'] else 'one'}-sided)", file=out)
+    head = f"{'block':<14}{'P':>9}{'|grad|':>10}{'E|g_d|^2':>11}{'variance':>11}{'var/|g|^2':>11}{'/(P+1)':>8}" + "".join(f"{'cos q=' + str(q):>10}" for q in qs) + f"{'sign ok':>9}{'fd err':>8}"
+    print(head, file=out)
+    for r in report["rows"]:
+        e = r["by_eps"][ref]
+        name = f"{r['modality']}.{r['layer']}" if r["layer"] is not None else f"{r['modality']}.all"
+        nv = e["normalized_variance"]
+        ratio = None if nv is None else nv / r["ideal_normalized_variance"]
+        print(f"{name:<14}{r['params']:>9}{r['grad_norm']:>10.3g}{e['mean_sq_norm']:>11.3g}{e['variance']:>11.3g}{_fmt(nv):>11}{_fmt(ratio, '.2f'):>8}"
+              + "".join(f"{_fmt(e['cosine'][str(q)]['mean'], '.3f'):>10}" for q in qs)
+              + f"{_fmt(e['sign_agreement'], '.2f'):>9}{_fmt(e['loss_diff']['fd_rel_error'], '.2g'):>8}", file=out)
+    print("per modality (sums over units; means of per-unit normalised values):", file=out)
+    for m, a in report["modalities"].items():
+        e = a["by_eps"][ref]
+        print(f"  {m:<9} units {a['units']:>2}  P/unit {a['params_per_unit']:>9.0f}  |grad| {a['grad_norm']:.3g}  variance sum {e['variance_sum']:.3g}"
+              f"  mean var/|g|^2 {_fmt(e['mean_unit_normalized_variance'])}  per param {_fmt(e['mean_unit_normalized_variance_per_param'], '.3f')}"
+              f"  cos " + " ".join(f"q{q}={_fmt(e['cosine'][str(q)], '.3f')}" for q in qs), file=out)
+    print("loss difference vs eps (mean over units of mean |L(theta+eps z)-L(theta)|; fd err; exact zeros):", file=out)
+    for m, a in report["modalities"].items():
+        print(f"  {m:<9} " + "  ".join(f"eps={x['eps']:g}: {x['loss_diff_mean_abs']:.2e} err {_fmt(x['fd_rel_error'], '.2g')} zeros {x['zero_fraction']:.2f}" for x in a["by_eps"]), file=out)
+
+
+def main(args) -> int:
+    from mozo.diagnostics.measure import diagnose, load_units, make_batches, warmup
+    from mozo.diagnostics.plots import reference_index, write_plots
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.directions < max(args.q):
+        print(f"mozo diagnose: --directions {args.directions} < max q {max(args.q)}: the cosine for that q needs at least q directions", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model, bb, spec, run_cfg = build_model(args)
+    state = {"warmup_steps": args.warmup_steps, "checkpoint": None, "warmup_losses": []}
+    parts = []
+    if args.checkpoint:
+        state["checkpoint"] = str(load_units(model, args.checkpoint))
+        parts.append(f"units from {args.checkpoint}")
+    batches = make_batches(args.data, bb, args.batch, 1 + max(0, args.warmup_steps), seed=args.seed, device=args.device)
+    diag_batch, warm_batches = batches[0], batches[1:]
+    if args.warmup_steps > 0:
+        state["warmup_losses"] = warmup(model, warm_batches, args.warmup_steps, args.warmup_lr, seed=args.seed)
+        parts.append(f"{args.warmup_steps} FO warm-up steps (lr {args.warmup_lr:g})")
+    state["description"] = ", ".join(parts) if parts else "fresh units (MoE `up` = 0: `down` gradients are exactly 0)"
+    mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    units = [(u.info.modality, u.info.layer) for u in model.unit_list()
+             if u.info.modality in mods and (args.layers is None or u.info.layer in args.layers)]
+    if not units:
+        print("mozo diagnose: no unit matches --layers/--modalities", file=sys.stderr)
+        return 2
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    result = diagnose(model, diag_batch, args.eps, args.q, args.directions, seed=args.seed, distribution=args.distribution,
+                      two_sided=args.two_sided, block=args.block, units=units, progress=progress)
+    loss = result["loss_autograd"]
+    report = {
+        "backbone": spec,
+        "peft": {"kind": model.peft.kind, "rank": model.peft.rank, "num_experts": model.peft.num_experts},
+        "trainable_params": model.trainable_parameter_counts(),
+        "widths": {m: model.towers[m].width for m in ("vision", "language")},
+        "data": {"source": diag_batch.source, "requested": args.data, "note": diag_batch.note, "batch": args.batch,
+                 "prompts": diag_batch.prompts, "labels": diag_batch.labels.tolist()},
+        "state": state,
+        "estimator": {"block": args.block, "distribution": args.distribution, "two_sided": args.two_sided,
+                      "directions": args.directions, "eps": args.eps, "q": args.q, "seed": args.seed,
+                      "seed_scheme": "direction d of unit (m, k): direction(p_i, mix_seed(mix_seed(seed, {vision:1, language:2}[m], k), d), i)"},
+        "loss_autograd": loss,
+        "loss_ulp": _fp32_ulp(loss),
+        "rows": result["rows"],
+        "modalities": result["modalities"],
+        "wall_time_s": None,
+    }
+    report["wall_time_s"] = time.perf_counter() - t0
+    ref = reference_index(args.eps, args.ref_eps)
+    print_summary(report, ref)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    if args.plots:
+        for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
+            print(f"wrote {p}")
+    return 0

@@ -1,0 +1,253 @@
+"""ZO estimator diagnostics of a MozoCLIP: per unit (modality, layer), per epsilon and q.
+
+What is measured (the paper's per-unit estimator): each training unit's parameters alone form the ZO
+block; every other unit stays where it is. For a unit of tower m at layer k, the loss closure re-runs
+only tower m from the cached hidden state entering layer k and reuses the other tower's features,
+exactly as the training step's perturbed forwards do. Dropout and router noise are seeded identically
+in every evaluation (autograd forward included), so the function whose gradient autograd computes is
+the function the finite differences probe.
+
+With `block="tower"` all units of one tower form one block (what a training step with a whole tower
+zeroth-order does: one direction over the tower's units).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mozo.backbone.towers import MODALITIES
+from mozo.diagnostics.stats import estimator_statistics
+from mozo.peft.inject import MozoCLIP
+from mozo.zo.directions import mix_seed
+
+MODALITY_ID = {"vision": 1, "language": 2}
+
+
+@dataclass
+class Batch:
+    """One diagnostic batch: images, labels indexing the prompts, tokenized prompts, and where it came from."""
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    text_inputs: dict
+    prompts: list[str]
+    source: str  # "demo" | "random"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- batches
+def demo_available() -> bool:
+    try:
+        from mozo.demo.stream import build_demo_scenario  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def demo_batches(backbone, batch_size: int, count: int, seed: int = 0, template: str = "a bad photo of a {}.",
+                 device: torch.device | str = "cpu") -> list[Batch]:
+    """`count` batches from task 0 of the demo stream (eval transform, seeded order, cycling if needed)."""
+    from mozo.data.loader import TransformedDataset
+    from mozo.data.transforms import make_transform
+    from mozo.demo.stream import build_demo_scenario
+
+    task = build_demo_scenario(seed=seed, num_tasks=1).tasks[0]
+    tf = make_transform(False, backbone.image_size, backbone.mean, backbone.std)
+    ds = TransformedDataset(task.train, tf, seed=seed, label_map={lab: lab - task.label_offset for lab in set(task.train.labels.tolist())})
+    order = np.random.default_rng(seed).permutation(len(ds))
+    prompts = [template.format(c) for c in task.classnames]
+    tokens = backbone.tokenize(prompts, device)
+    out = []
+    for b in range(count):
+        idx = [int(order[(b * batch_size + i) % len(ds)]) for i in range(batch_size)]
+        items = [ds[i] for i in idx]
+        out.append(Batch(torch.stack([x for x, _ in items]).to(device), torch.tensor([y for _, y in items], device=device),
+                         tokens, prompts, "demo", f"demo stream task 0 ({task.name}), train images, eval transform"))
+    return out
+
+
+RANDOM_PROMPTS = ("red circle", "green square", "blue triangle", "yellow star", "purple ring")
+
+
+def random_batches(backbone, batch_size: int, count: int, seed: int = 0, template: str = "a bad photo of a {}.",
+                   device: torch.device | str = "cpu") -> list[Batch]:
+    """Gaussian-noise images with random labels over 5 fixed prompts: structure-free data."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [template.format(c) for c in RANDOM_PROMPTS]
+    tokens = backbone.tokenize(prompts, device)
+    s = backbone.image_size
+    return [Batch(torch.randn(batch_size, 3, s, s, generator=g).to(device),
+                  torch.randint(0, len(prompts), (batch_size,), generator=g).to(device), tokens, prompts, "random",
+                  "random data: N(0,1) pixels, uniformly random labels over 5 prompts (no structure to learn)")
+            for _ in range(count)]
+
+
+def make_batches(source: str, backbone, batch_size: int, count: int, seed: int = 0, device="cpu") -> list[Batch]:
+    """`demo` (falls back to `random` with a note when the demo stream is missing) or `random`."""
+    if source == "demo":
+        if demo_available():
+            return demo_batches(backbone, batch_size, count, seed, device=device)
+        out = random_batches(backbone, batch_size, count, seed, device=device)
+        for b in out:
+            b.note = "demo stream not available (mozo.demo.stream missing): " + b.note
+        return out
+    if source == "random":
+        return random_batches(backbone, batch_size, count, seed, device=device)
+    raise ValueError(f"unknown batch source {source!r}; choose demo or random")
+
+
+# ----------------------------------------------------------------------------------------- model state
+def warmup(model: MozoCLIP, batches: Sequence[Batch], steps: int, lr: float = 1e-3, seed: int = 0) -> list[float]:
+    """`steps` first-order steps (HybridStep, plan fo) cycling over `batches`; returns the losses."""
+    from mozo.engine.step import HybridStep
+
+    if steps <= 0:
+        return []
+    step = HybridStep(model, "fo", fo_lr=lr, seed=seed)
+    losses = []
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        losses.append(step(b.pixel_values, b.labels, b.text_inputs).loss)
+    return losses
+
+
+def load_units(model: MozoCLIP, run_dir: str | Path) -> Path:
+    """Load a run's trained units (RUN_DIR/checkpoint/units.safetensors, or that file itself)."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir)
+    if path.is_dir():
+        from mozo.engine.checkpoint import find_checkpoint
+
+        ck = find_checkpoint(path)
+        if ck is None:
+            raise FileNotFoundError(f"no complete checkpoint in {path}; expected {path / 'checkpoint' / 'units.safetensors'} written by `mozo run`")
+        path = ck / "units.safetensors"
+    device = next(model.units.parameters()).device
+    state = {k: v.to(device) for k, v in load_file(str(path)).items()}
+    model.units.load_state_dict(state)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- measurement
+def true_gradients(model: MozoCLIP, batch: Batch, noise_seed: int, loss_fn=F.cross_entropy) -> tuple[float, dict]:
+    """Autograd loss and the gradient of every unit parameter (diagnostic only)."""
+    flags = {id(p): p.requires_grad for p in model.units.parameters()}
+    model.train()
+    model.units.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    try:
+        model.noise.seed = noise_seed
+        img = model.encode("vision", {"pixel_values": batch.pixel_values})[0]
+        txt = model.encode("language", batch.text_inputs)[0]
+        loss = loss_fn(model.logits(img, txt).float(), batch.labels)
+        loss.backward()
+        grads = {id(p): (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for p in model.units.parameters()}
+    finally:
+        model.noise.seed = None
+        model.zero_grad(set_to_none=True)
+        for p in model.units.parameters():
+            p.requires_grad_(flags[id(p)])
+    return float(loss.detach()), grads
+
+
+@torch.no_grad()
+def block_loss_fn(model: MozoCLIP, batch: Batch, modality: str, layer: int, noise_seed: int, loss_fn=F.cross_entropy) -> Callable[[], float]:
+    """Closure L(current units): tower `modality` re-run from the input of `layer` (1-based)."""
+    model.train()
+    model.noise.seed = noise_seed
+    inputs = {"vision": {"pixel_values": batch.pixel_values}, "language": batch.text_inputs}
+    other = [m for m in MODALITIES if m != modality][0]
+    other_feats = model.encode(other, inputs[other])[0]
+    _, cache = model.encode(modality, inputs[modality], capture_at=layer - 1)
+    model.noise.seed = None
+
+    def closure() -> float:
+        with torch.no_grad():
+            model.noise.seed = noise_seed
+            try:
+                f = model.encode(modality, start=cache)[0]
+                feats = {modality: f, other: other_feats}
+                return float(loss_fn(model.logits(feats["vision"], feats["language"]).float(), batch.labels))
+            finally:
+                model.noise.seed = None
+
+    return closure
+
+
+def diagnose(model: MozoCLIP, batch: Batch, eps: Sequence[float], q: Sequence[int], directions: int, seed: int = 0,
+             distribution: str = "gaussian", two_sided: bool = False, block: str = "unit",
+             units: Optional[Sequence[tuple[str, int]]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Per-block statistics (rows) and per-modality aggregates. `units` restricts to some (modality, layer)."""
+    if block not in ("unit", "tower"):
+        raise ValueError(f"block must be unit or tower, got {block!r}")
+    noise_seed = mix_seed(seed, 17)
+    loss_autograd, grads = true_gradients(model, batch, noise_seed)
+    chosen = [u for u in model.unit_list() if units is None or (u.info.modality, u.info.layer) in set(units)]
+    if block == "unit":
+        blocks = [(u.info.modality, u.info.layer, [u]) for u in chosen]
+    else:
+        blocks = []
+        for m in MODALITIES:
+            us = [u for u in chosen if u.info.modality == m]
+            if us:
+                blocks.append((m, min(u.info.layer for u in us), us))
+    rows = []
+    was_training = model.training
+    for m, layer, us in blocks:
+        if progress:
+            progress(f"{m} layer {layer}" if block == "unit" else f"{m} tower")
+        params = [p for u in us for p in u.parameters()]
+        closure = block_loss_fn(model, batch, m, layer, noise_seed)
+        stats = estimator_statistics(params, closure, [grads[id(p)] for p in params], eps, q, directions,
+                                     mix_seed(seed, MODALITY_ID[m], layer if block == "unit" else 0), distribution, two_sided)
+        row = {"modality": m, "layer": layer if block == "unit" else None, "units": [u.info.name for u in us], **stats}
+        rows.append(row)
+    model.train(was_training)
+    return {"loss_autograd": loss_autograd, "rows": rows, "modalities": aggregate(rows, eps, q)}
+
+
+def _mean(values: list) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def aggregate(rows: list[dict], eps: Sequence[float], q: Sequence[int]) -> dict:
+    """Per modality: totals (params, gradient norm, summed variance = variance of the concatenated per-unit
+    estimators) and means over units (normalised variance, cosine, sign agreement, fd error)."""
+    out = {}
+    for m in MODALITIES:
+        rs = [r for r in rows if r["modality"] == m]
+        if not rs:
+            continue
+        agg = {"units": len(rs), "params": sum(r["params"] for r in rs), "params_per_unit": _mean([r["params"] for r in rs]),
+               "grad_norm": math.sqrt(sum(r["grad_norm"] ** 2 for r in rs)),
+               "mean_unit_grad_norm": _mean([r["grad_norm"] for r in rs]),
+               "zero_grad_units": sum(1 for r in rs if r["grad_norm"] == 0.0), "by_eps": []}
+        for i, e in enumerate(eps):
+            er = [r["by_eps"][i] for r in rs]
+            total_var = sum(x["variance"] for x in er)
+            gsq = sum(r["grad_norm"] ** 2 for r in rs)
+            agg["by_eps"].append({
+                "eps": e,
+                "variance_sum": total_var,
+                "mean_sq_norm_sum": sum(x["mean_sq_norm"] for x in er),
+                "normalized_variance_of_sum": total_var / gsq if gsq > 0 else None,
+                "mean_unit_variance": total_var / len(er),
+                "mean_unit_normalized_variance": _mean([x["normalized_variance"] for x in er]),
+                "mean_unit_normalized_variance_per_param": _mean([x["normalized_variance"] / r["params"] if x["normalized_variance"] is not None else None for x, r in zip(er, rs)]),
+                "cosine": {str(qq): _mean([x["cosine"][str(qq)]["mean"] for x in er]) for qq in q},
+                "sign_agreement": _mean([x["sign_agreement"] for x in er]),
+                "fd_rel_error": _mean([x["loss_diff"]["fd_rel_error"] for x in er]),
+                "loss_diff_mean_abs": _mean([x["loss_diff"]["mean_abs"] for x in er]),
+                "zero_fraction": _mean([x["loss_diff"]["zero_fraction"] for x in er]),
+            })
+        out[m] = agg
+    return out

@@ -1,0 +1,184 @@
+"""ZO estimator diagnostics: statistics match their definitions, undefined cosines, the CLI and the sweep."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mozo.cli import main as cli_main
+from mozo.diagnostics.stats import direction_seed, estimator_statistics, ideal_cosine
+from mozo.zo.directions import direction
+
+
+def _quadratic(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    a = [torch.rand(3, 4, generator=g) + 0.5, torch.rand(5, generator=g) + 0.5]
+    b = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+
+    def loss() -> float:  # L = sum 0.5 a p^2 + b p, in float64 from the fp32 parameters
+        return float(sum((0.5 * ai.double() * p.double() ** 2 + bi.double() * p.double()).sum() for p, ai, bi in zip(params, a, b)))
+
+    grad = [ai * p + bi for p, ai, bi in zip(params, a, b)]
+    return params, loss, grad
+
+
+def _reference(params, loss, grad, eps, qs, n, seed, dist="gaussian"):
+    """Independent recomputation from the definitions, with explicit vectors."""
+    base = [p.clone() for p in params]
+    l0 = loss()
+    gvec = torch.cat([t.reshape(-1) for t in grad]).double()
+    zs, cs = [], []
+    for d in range(n):
+        z = [direction(p, direction_seed(seed, d), i, dist) for i, p in enumerate(params)]
+        for p, zi in zip(params, z):
+            p.add_(zi, alpha=eps)
+        cs.append((loss() - l0) / eps)
+        for p, b in zip(params, base):
+            p.copy_(b)
+        zs.append(torch.cat([t.reshape(-1) for t in z]).double())
+    est = torch.stack([c * z for c, z in zip(cs, zs)])  # g_d, one row per direction
+    mean = est.mean(0)
+    variance = float(((est - mean) ** 2).sum(1).mean())
+    cos = {}
+    for q in qs:
+        vals = []
+        for r in range(n // q):
+            gq = est[r * q:(r + 1) * q].mean(0)
+            vals.append(float(gq @ gvec / (gq.norm() * gvec.norm())))
+        cos[q] = sum(vals) / len(vals)
+    agree = sum(1 for c, z in zip(cs, zs) if math.copysign(1, c) == math.copysign(1, float(z @ gvec))) / n
+    return {"mean_sq_norm": float((est ** 2).sum(1).mean()), "variance": variance,
+            "normalized_variance": variance / float(gvec @ gvec), "cosine": cos, "sign_agreement": agree}
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_statistics_match_definitions(dist):
+    params, loss, grad = _quadratic()
+    stats = estimator_statistics(params, loss, grad, eps=[1e-3, 1e-2], q=[1, 2, 4], directions=12, seed=5, distribution=dist)
+    assert stats["params"] == 17
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad)))
+    for row in stats["by_eps"]:
+        ref = _reference(params, loss, grad, row["eps"], [1, 2, 4], 12, 5, dist)
+        for key in ("mean_sq_norm", "variance", "normalized_variance", "sign_agreement"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-9), key
+        for q in (1, 2, 4):
+            assert row["cosine"][str(q)]["mean"] == pytest.approx(ref["cosine"][q], rel=1e-9, abs=1e-12)
+            assert row["cosine"][str(q)]["repeats"] == 12 // q
+    # parameters are restored exactly
+    fresh, _, _ = _quadratic()
+    assert all(torch.equal(p, f) for p, f in zip(params, fresh))
+
+
+def test_exact_linear_estimator_matches_theory():
+    """L linear: c_d = <g, z_d> exactly, so trace(cov)/||g||^2 -> P + 1 (Gaussian) and cos(q) ~ sqrt(q/(q+P+1))."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(10, generator=g)
+    b = torch.randn(10, generator=g)
+
+    def loss() -> float:
+        return float(p.double() @ b.double())
+
+    stats = estimator_statistics([p], loss, [b], eps=[1.0], q=[1, 8], directions=4000, seed=0)
+    row = stats["by_eps"][0]
+    assert row["normalized_variance"] == pytest.approx(11.0, rel=0.1)
+    assert row["cosine"]["8"]["mean"] == pytest.approx(ideal_cosine(10, 8), abs=0.06)
+    assert row["sign_agreement"] == 1.0 and row["loss_diff"]["fd_rel_error"] < 1e-6
+
+
+def test_zero_gradient_gives_undefined_cosine():
+    g = torch.Generator().manual_seed(2)
+    used, unused = torch.randn(4, generator=g), torch.randn(6, generator=g)
+
+    def loss() -> float:
+        return float((used.double() ** 2).sum())  # does not depend on `unused`
+
+    stats = estimator_statistics([unused], loss, [torch.zeros(6)], eps=[1e-3], q=[1, 2], directions=4, seed=0)
+    row = stats["by_eps"][0]
+    assert stats["grad_norm"] == 0.0
+    assert all(row["cosine"][q]["mean"] is None and row["cosine"][q]["std"] is None for q in ("1", "2"))
+    assert row["normalized_variance"] is None and row["sign_agreement"] is None
+    assert row["variance"] == 0.0 and row["loss_diff"]["zero_fraction"] == 1.0
+    json.dumps(stats)  # None, not NaN: valid JSON
+
+
+def test_clip_unit_closure_and_true_gradient():
+    """On the tiny CLIP after FO warm-up: the cached-prefix closure equals a full forward, c_d of a unit
+    matches a finite difference of the full model, and the statistics follow the definitions."""
+    from mozo.backbone.clip import load_backbone
+    from mozo.diagnostics.measure import block_loss_fn, diagnose, random_batches, true_gradients, warmup
+    from mozo.peft.inject import MozoCLIP
+    from mozo.zo.directions import mix_seed
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny")
+    model = MozoCLIP(bb)
+    batches = random_batches(bb, 2, 3, seed=0)
+    losses = warmup(model, batches[1:], 2)
+    assert len(losses) == 2
+    noise = mix_seed(0, 17)
+    loss_ag, grads = true_gradients(model, batches[0], noise)
+    unit = model.unit("vision", 3)
+    down = unit.experts[0].down.weight if hasattr(unit, "experts") else next(unit.parameters())
+    assert grads[id(down)].abs().sum() > 0  # warm-up made `up` non-zero, so `down` now has a gradient
+    closure = block_loss_fn(model, batches[0], "vision", 3, noise)
+    assert closure() == pytest.approx(loss_ag, abs=1e-5)
+
+    result = diagnose(model, batches[0], eps=[1e-2], q=[1, 2], directions=4, seed=0, units=[("vision", 3), ("language", 2)])
+    assert [(r["modality"], r["layer"]) for r in result["rows"]] == [("vision", 3), ("language", 2)]
+    row = result["rows"][0]
+    params = list(unit.parameters())
+    ref = _reference(params, closure, [grads[id(p)] for p in params], 1e-2, [1, 2], 4, mix_seed(0, 1, 3))
+    assert row["by_eps"][0]["variance"] == pytest.approx(ref["variance"], rel=1e-9)
+    assert row["by_eps"][0]["cosine"]["2"]["mean"] == pytest.approx(ref["cosine"][2], rel=1e-9)
+    assert set(result["modalities"]) == {"vision", "language"}
+
+
+def test_cli_tiny_random_writes_rows_for_both_towers(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    rc = cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--batch", "2", "--directions", "4",
+                   "--eps", "1e-3,1e-2", "--q", "1,2", "--json", str(out), "--plots", str(tmp_path / "img")])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert {(r["modality"], r["layer"]) for r in rep["rows"]} == {(m, k) for m in ("vision", "language") for k in range(1, 5)}
+    assert rep["data"]["source"] == "random" and "random" in rep["data"]["note"]
+    assert "fresh units" in rep["state"]["description"]
+    for r in rep["rows"]:
+        assert r["params"] > 0 and len(r["by_eps"]) == 2
+        assert set(r["by_eps"][0]["cosine"]) == {"1", "2"}
+    assert set(rep["modalities"]) == {"vision", "language"}
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["diag_cosine_vs_q.png", "diag_loss_diff_vs_eps.png", "diag_variance_per_layer.png"]
+    assert "per modality" in capsys.readouterr().out
+
+
+def test_cli_rejects_too_few_directions(tmp_path):
+    assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--directions", "2", "--q", "1,4"]) == 2
+
+
+def test_sweep_on_tiny_imagefolder(tmp_path):
+    from mozo.diagnostics.sweep import format_table, sweep
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for k, c in enumerate(("red", "green", "blue", "yellow")):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((32, 32, 3), 60 * k, np.uint8)).save(d / f"{i}.png")
+    extra = ["backbone=tiny", "protocol=cil", "data.dataset=imagefolder", "data.increment=2", "batch_size=4",
+             "peft.rank=8", "device=cpu"]
+    res = sweep("demo", [1e-4], [1e-3], [1e-3], "dual:hop-odd", [0], extra, max_steps=1, out_dir=tmp_path / "runs",
+                data_root=tmp_path / "data", log=lambda s: None)
+    (row,) = res["settings"]
+    assert (row["eps_vision"], row["eps_language"], row["lr"]) == (1e-4, 1e-3, 1e-3)
+    assert 0 <= row["last"] <= 100 and 0 <= row["avg"] <= 100
+    saved = json.loads((tmp_path / "runs" / "ev0.0001_el0.001_lr0.001_seed0" / "results.json").read_text())
+    assert saved["config"]["zo"]["rule"] == "mozo" and saved["config"]["zo"]["eps_vision"] == 1e-4
+    assert "eps_vision" in format_table(res)
+    again = sweep("demo", [1e-4], [1e-3], [1e-3], "dual:hop-odd", [0], extra, max_steps=1, out_dir=tmp_path / "runs",
+                  data_root=tmp_path / "data", log=lambda s: None)
+    assert again["settings"][0]["seeds"][0]["reused"]
