@@ -152,7 +152,8 @@ def _worker(out: Path, data_root: Path) -> None:
         rep["nan_raised"] = False
     except NonFiniteLossError as exc:
         rep["nan_raised"] = str(exc)
-    rep["nan_unchanged"] = all(torch.equal(v, _units(model)[k]) for k, v in start.items())
+    # ZO units were perturbed and restored in place (theta + eps z - eps z: rounding), alike on every rank
+    rep["nan_moved"] = max(float((v - _units(model)[k]).abs().max()) for k, v in start.items())
     poisoned["on"] = False
     step(pixels[lo:hi], labels[lo:hi], text)
     rep["after_nan_equal"] = _all_equal(list(model.units.parameters()))
@@ -247,7 +248,7 @@ def test_only_scalars_travel_for_zo_and_gradients_for_fo(job):
 
 def test_nan_on_one_rank_raises_on_all_and_sync_check_catches_divergence(job):
     for rk in job["ranks"]:
-        assert rk["nan_raised"] and "non-finite" in rk["nan_raised"] and rk["nan_unchanged"] and rk["after_nan_equal"]
+        assert rk["nan_raised"] and "non-finite" in rk["nan_raised"] and rk["nan_moved"] < 1e-6 and rk["after_nan_equal"]
         assert rk["sync_raised"] and "vs rank 0" in rk["sync_raised"]
     assert "first forward" in job["ranks"][1]["nan_raised"] and "another rank" in job["ranks"][0]["nan_raised"]
 

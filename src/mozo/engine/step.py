@@ -169,8 +169,9 @@ class HybridStep:
                 if cfg.fo_at_perturbed:
                     loss0 = (plus + minus) / 2  # the loss at theta, to first order
             # One all-reduce for every scalar of the step: the q loss differences and the loss. A non-finite
-            # value on any rank is non-finite on all of them after it, so all ranks raise here together,
-            # before any parameter has moved.
+            # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
+            # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must
+            # perturb and restore alike, or the rounding of theta + eps z - eps z would set replicas apart.)
             scalars = self.reduce_scalars(torch.cat([d.reshape(-1) for d in diffs] + [loss0.reshape(-1)]).float())
             if self._nonfinite is not None or not torch.isfinite(scalars).all():
                 raise NonFiniteLossError(f"{self._nonfinite or 'non-finite loss on another rank'}; lower the learning rate "
