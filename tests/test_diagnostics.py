@@ -14,6 +14,15 @@ from mozo.diagnostics.stats import direction_seed, estimator_statistics, ideal_c
 from mozo.zo.directions import direction
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The diagnostics run thousands of tiny forwards: thread hand-offs cost more than they give."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _quadratic(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
@@ -27,6 +36,7 @@ def _quadratic(seed: int = 0):
     return params, loss, grad
 
 
+@torch.no_grad()
 def _reference(params, loss, grad, eps, qs, n, seed, dist="gaussian"):
     """Independent recomputation from the definitions, with explicit vectors."""
     base = [p.clone() for p in params]
@@ -53,6 +63,7 @@ def _reference(params, loss, grad, eps, qs, n, seed, dist="gaussian"):
         cos[q] = sum(vals) / len(vals)
     agree = sum(1 for c, z in zip(cs, zs) if math.copysign(1, c) == math.copysign(1, float(z @ gvec))) / n
     return {"mean_sq_norm": float((est ** 2).sum(1).mean()), "variance": variance,
+            "variance_about_true": float(((est - gvec) ** 2).sum(1).mean()),
             "normalized_variance": variance / float(gvec @ gvec), "cosine": cos, "sign_agreement": agree}
 
 
@@ -64,7 +75,7 @@ def test_statistics_match_definitions(dist):
     assert stats["grad_norm"] == pytest.approx(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad)))
     for row in stats["by_eps"]:
         ref = _reference(params, loss, grad, row["eps"], [1, 2, 4], 12, 5, dist)
-        for key in ("mean_sq_norm", "variance", "normalized_variance", "sign_agreement"):
+        for key in ("mean_sq_norm", "variance", "variance_about_true", "normalized_variance", "sign_agreement"):
             assert row[key] == pytest.approx(ref[key], rel=1e-9), key
         for q in (1, 2, 4):
             assert row["cosine"][str(q)]["mean"] == pytest.approx(ref["cosine"][q], rel=1e-9, abs=1e-12)
@@ -140,7 +151,7 @@ def test_clip_unit_closure_and_true_gradient():
 
 def test_cli_tiny_random_writes_rows_for_both_towers(tmp_path, capsys):
     out = tmp_path / "d.json"
-    rc = cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--batch", "2", "--directions", "4",
+    rc = cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--batch", "2", "--directions", "2",
                    "--eps", "1e-3,1e-2", "--q", "1,2", "--json", str(out), "--plots", str(tmp_path / "img")])
     assert rc == 0
     rep = json.loads(out.read_text())

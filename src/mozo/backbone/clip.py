@@ -20,6 +20,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SYNTHETIC = ("tiny", "vit-b-16")
+# The small CLIP mozo pretrains itself and ships (`mozo pretrain-tiny`; its made_by.json says how).
+SHIPPED_TINY = ASSETS / "tiny-clip"
+SHIPPED = {"mozo-tiny": SHIPPED_TINY}
 
 # Words of the built-in tokenizer used by random-init backbones; unknown words fall back to bytes.
 BASE_WORDS = (
@@ -78,7 +81,8 @@ def synthetic_config(name: str, vocab_size: int, eos_token_id: int, bos_token_id
 
 
 def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cpu", seed: int = 0, local_only: bool = False) -> Backbone:
-    """Load `spec`: `tiny`, `vit-b-16` (random init), a local folder from `save_pretrained`, or a hub id.
+    """Load `spec`: `tiny`, `vit-b-16` (random init), `mozo-tiny` (the shipped pretrained tiny CLIP),
+    a local folder from `save_pretrained`, or a hub id.
 
     The model is returned frozen (`requires_grad=False` everywhere) and in eval mode; PEFT units are
     the only trainable parameters mozo ever creates.
@@ -91,8 +95,12 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cp
         model = CLIPModel(synthetic_config(spec, len(tok), tok.eos_token_id, tok.bos_token_id))
         size, mean, std = model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
     else:
-        path = Path(spec).expanduser()
-        looks_local = path.exists() or spec.startswith((".", "/", "~"))
+        if spec in SHIPPED and not (SHIPPED[spec] / "config.json").exists():
+            raise FileNotFoundError(f"the shipped backbone {spec!r} is missing from {SHIPPED[spec]}; "
+                                    "reinstall mozo or recreate it with `mozo pretrain-tiny`")
+        path = Path(SHIPPED.get(spec, spec)).expanduser()
+        spec_src = str(path) if spec in SHIPPED else spec
+        looks_local = path.exists() or spec_src.startswith((".", "/", "~"))
         if looks_local and not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"backbone folder {path} has no config.json; expected a folder written by "
@@ -100,13 +108,13 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cp
                 f"or a hub id such as {DEFAULT_BACKBONE}, or 'tiny'."
             )
         try:
-            model = CLIPModel.from_pretrained(str(path) if looks_local else spec, local_files_only=local_only)
+            model = CLIPModel.from_pretrained(str(path) if looks_local else spec_src, local_files_only=local_only)
         except Exception as exc:
             raise RuntimeError(
                 f"cannot load CLIP weights from {spec!r}: {type(exc).__name__}: {exc}. Offline, give a local "
                 "folder written by save_pretrained, or pre-download the hub id on a machine with network access."
             ) from exc
-        tok = load_tokenizer(str(path) if looks_local else spec, expected_vocab=model.config.text_config.vocab_size, local_only=local_only)
+        tok = load_tokenizer(str(path) if looks_local else spec_src, expected_vocab=model.config.text_config.vocab_size, local_only=local_only)
         size, mean, std = _preprocessing(path if looks_local else None, model)
     model.requires_grad_(False)
     model.eval()

@@ -19,7 +19,7 @@ and real learning:
 - Of the held-in digits, only the images of the "pretrain" part of the seeded split (`digit_split`);
   the stream's train and test images come from the other parts.
 
-`build_demo_scenario` makes the stream (protocol "cil"): 4 tasks of 5 classes, alternating the two
+`build_demo_scenario` makes the stream (protocol "cil"): 4 tasks (5, 8, 5, 8 classes), alternating the two
 families so that training a later task causes measurable forgetting of the earlier one of its family.
 """
 from __future__ import annotations
@@ -61,12 +61,21 @@ HELD_IN_DIGITS: tuple[int, ...] = tuple(d for d in range(10) if d not in HELD_OU
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for s in SHAPES for c in COLOUR_NAMES)
 HELD_IN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELD_OUT_COMBOS)
 
-# The stream: 4 tasks x 5 classes, alternating real digits and held-out colour-shape pairs.
+# The held-out pairs form four 2x2 blocks (two shapes x two colours): circle/ring x green/orange,
+# square/star x red/purple, triangle/diamond x yellow/cyan, cross/hexagon x blue/white. A task holding
+# whole blocks can only be solved by reading both the colour and the shape.
+_BLOCKS = [
+    [(c, s) for s in shapes for c in COLOUR_NAMES if (c, s) in HELD_OUT_COMBOS]
+    for shapes in (("circle", "ring"), ("triangle", "diamond"), ("square", "star"), ("cross", "hexagon"))
+]
+
+# The stream: digits 0-4 (seen in pretraining, new images), 8 new colour-shape pairs, digits 5-9
+# (never seen: new words and images), 8 more new pairs.
 DEMO_TASKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("digits 0-4", tuple(f"digit {DIGIT_WORDS[d]}" for d in HELD_IN_DIGITS)),
-    ("new pairs A", tuple(f"{c} {s}" for c, s in HELD_OUT_COMBOS[0::2][:5])),
+    ("new pairs A", tuple(f"{c} {s}" for c, s in _BLOCKS[0] + _BLOCKS[1])),
     ("digits 5-9", tuple(f"digit {DIGIT_WORDS[d]}" for d in HELD_OUT_DIGITS)),
-    ("new pairs B", tuple(f"{c} {s}" for c, s in HELD_OUT_COMBOS[1::2][:5])),
+    ("new pairs B", tuple(f"{c} {s}" for c, s in _BLOCKS[2] + _BLOCKS[3])),
 )
 DEMO_CLASSNAMES: tuple[str, ...] = tuple(name for _, names in DEMO_TASKS for name in names)
 
@@ -231,12 +240,12 @@ def _class_images(classname: str, n: int, part: str, rng: np.random.Generator, s
 
 def build_demo_scenario(seed: int = 0, train_per_class: int = 45, test_per_class: int = 40,
                         num_tasks: Optional[int] = None) -> Scenario:
-    """The demo's class-incremental stream: `DEMO_TASKS` (4 tasks x 5 classes) with seeded images.
+    """The demo's class-incremental stream: `DEMO_TASKS` (4 tasks, 26 classes) with seeded images.
 
     Digits come from the stream parts of the fixed digit split (about 45 train and 44 test images per
     digit exist; asking for more keeps all of them); shapes are rendered from a generator seeded by
     `seed`, separately for train and test. Labels are positions in `DEMO_CLASSNAMES`, so after task i
-    the seen classes are labels 0..5(i+1)-1, as `class_incremental` would give.
+    the seen classes are labels 0..seen_classes(i)-1, as `class_incremental` would give.
     """
     if train_per_class <= 0 or test_per_class <= 0:
         raise ValueError("train_per_class and test_per_class must be positive")

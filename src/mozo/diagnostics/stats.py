@@ -11,6 +11,8 @@ Per epsilon, with one-sided c_d = (L(theta + eps z_d) - L(theta)) / eps (two-sid
 - `mean_sq_norm`        mean_d ||g_d||^2
 - `variance`            trace of the covariance of g_d: mean_d ||g_d - gbar||^2, gbar = mean_d g_d
                         (the population form, divisor N)
+- `variance_about_true` mean_d ||g_d - g||^2 (around the autograd gradient: no (N-1)/N shrinkage,
+                        and it includes the finite-difference bias)
 - `normalized_variance` variance / ||g||^2, g the true gradient (None when g = 0). For an exact
                         directional derivative it is P + 1 in expectation (Gaussian z) or P - 1
                         (Rademacher): the variance grows with the block size P, whatever the model.
@@ -65,12 +67,11 @@ def ideal_cosine(num_params: int, q: int) -> float:
 
 
 def _gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    n = len(vectors)
-    g = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = torch.dot(vectors[i], vectors[j])
-    return g
+    """G[d, e] = <z_d, z_e> in float64."""
+    if not vectors:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    z = torch.stack(vectors)
+    return z @ z.T
 
 
 @torch.no_grad()
@@ -142,6 +143,7 @@ def _eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, gram: torch.Tensor, 
     mean_sq = float(sq_norms.mean())
     gbar_sq = float(c @ gram @ c) / (n * n)
     variance = max(mean_sq - gbar_sq, 0.0)
+    about_true = max(mean_sq - 2.0 * float((c * gz).mean()) + grad_sq, 0.0)
     cosine = {}
     for q in qs:
         reps = n // q
@@ -171,6 +173,7 @@ def _eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, gram: torch.Tensor, 
         "mean_sq_norm": mean_sq,
         "variance": variance,
         "normalized_variance": variance / grad_sq if grad_sq > 0 else None,
+        "variance_about_true": about_true,
         "cosine": cosine,
         "sign_agreement": agree,
         "loss_diff": {

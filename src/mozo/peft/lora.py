@@ -50,4 +50,5 @@ class LoRA(PeftUnit):
 
     def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.A[key], self.B[key]
-        return (self.dropout(x, self.p) @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.scaling
+        stream = LORA_TARGETS.index(key)  # an independent dropout mask per targeted linear
+        return (self.dropout(x, self.p, stream=stream) @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.scaling

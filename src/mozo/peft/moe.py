@@ -56,6 +56,7 @@ class MoEAdapter(PeftUnit):
         g = self.gates(x[:, 0, :])
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            y = expert.up(self.dropout(F.relu(expert.down(x)), self.p)) * expert.scale
+            # stream 0 is the router noise; each expert draws its own dropout mask.
+            y = expert.up(self.dropout(F.relu(expert.down(x)), self.p, stream=e + 1)) * expert.scale
             out = out + g[:, e, None, None] * y
         return out

@@ -35,11 +35,13 @@ class NoiseControl:
     def __init__(self) -> None:
         self.seed: Optional[int] = None
 
-    def generator(self, uid: int, device: torch.device) -> Optional[torch.Generator]:
+    def generator(self, uid: int, device: torch.device, stream: int = 0) -> Optional[torch.Generator]:
+        """A fresh generator for (seed, unit id, stream); `stream` separates the independent draws of
+        one unit in one forward (router noise, the dropout of each expert or LoRA target)."""
         if self.seed is None:
             return None
         g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + uid * 7919) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + uid * 7919 + stream * 104_729) % (2**63 - 1))
         return g
 
 
@@ -54,15 +56,16 @@ class PeftUnit(nn.Module):
         self.uid = uid
         self._noise = noise  # plain attribute: not a submodule, not in state_dict
 
-    def noise_generator(self, device: torch.device) -> Optional[torch.Generator]:
-        return self._noise.generator(self.uid, device)
+    def noise_generator(self, device: torch.device, stream: int = 0) -> Optional[torch.Generator]:
+        return self._noise.generator(self.uid, device, stream)
 
-    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """Inverted dropout drawing its mask from the unit's generator (identity in eval mode)."""
+    def dropout(self, x: torch.Tensor, p: float, stream: int = 0) -> torch.Tensor:
+        """Inverted dropout drawing its mask from the unit's generator (identity in eval mode).
+        Distinct draws of one forward (e.g. one per expert) must pass distinct `stream`s."""
         if not self.training or p <= 0.0:
             return x
-        keep = torch.rand(x.shape, generator=self.noise_generator(x.device), device=x.device, dtype=torch.float32) >= p
+        keep = torch.rand(x.shape, generator=self.noise_generator(x.device, stream), device=x.device, dtype=torch.float32) >= p
         return x * keep.to(x.dtype) / (1.0 - p)
 
-    def randn(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(shape, generator=self.noise_generator(like.device), device=like.device, dtype=like.dtype)
+    def randn(self, shape: torch.Size, like: torch.Tensor, stream: int = 0) -> torch.Tensor:
+        return torch.randn(shape, generator=self.noise_generator(like.device, stream), device=like.device, dtype=like.dtype)
