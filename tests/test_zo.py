@@ -71,7 +71,7 @@ def test_directions_are_regenerated_from_seeds():
 def test_mean_estimate_aligns_with_true_gradient(dist, two_sided):
     q = Quadratic()
     g = q.grad()
-    seeds = list(range(2000))
+    seeds = list(range(1000))
     coefs = [q.coef(s, 1e-3, two_sided, dist) for s in seeds]
     few = flat(estimate_(q.params, seeds[:5], coefs[:5], dist))
     many = flat(estimate_(q.params, seeds, coefs, dist))
@@ -88,15 +88,18 @@ def test_one_direction_estimate_is_unbiased(dist):
     """q=1 one-sided: the error of the mean of n estimates shrinks like 1/sqrt(n)."""
     q = Quadratic(seed=1)
     g = q.grad()
-    singles = torch.stack([flat(estimate_(q.params, [s], [q.coef(s, 1e-3, False, dist)], dist)) for s in range(4096)])
-    def rms_rel_error(n: int) -> float:
-        means = singles[: (4096 // n) * n].reshape(-1, n, 12).mean(1)
+    pool = 2048
+    singles = torch.stack([flat(estimate_(q.params, [s], [q.coef(s, 1e-3, False, dist)], dist)) for s in range(pool)])
+
+    def rms_rel_error(n: int) -> float:  # over the pool // n disjoint means of n estimates
+        means = singles.reshape(-1, n, 12).mean(1)
         return math.sqrt(((means - g) ** 2).sum(1).mean().item()) / g.norm().item()
-    small, large = rms_rel_error(64), rms_rel_error(1024)  # 16x more directions: ~4x smaller error
+
+    small, large = rms_rel_error(32), rms_rel_error(512)  # 16x more directions: ~4x smaller error
     assert 2.5 < small / large < 6.5
-    # The spread matches the variance of an unbiased estimator: E|cz - g|^2 = (d+1)|g|^2 (Gaussian),
-    # (d-1)|g|^2 - ... <= d |g|^2 (Rademacher); a bias would not shrink with n.
-    assert large < 2 * math.sqrt(13 / 1024)
+    # The spread is that of an unbiased estimator: E|cz - g|^2 = (d+1)|g|^2 (Gaussian), (d-1)|g|^2
+    # (Rademacher), d = 12; a bias would not shrink with n.
+    assert large < 2 * math.sqrt(13 / 512)
 
 
 # -- perturb and restore ---------------------------------------------------------------------------
@@ -219,7 +222,9 @@ def test_step_coefficients_converge_as_eps_shrinks_with_noise_on(make_model, bat
 
 def test_step_coefficient_is_the_autograd_directional_derivative(make_model, batch):
     pixels, labels, text = batch
-    model = make_model(kind="moe", dropout=0.0, noisy_gating=False)
+    # Well-conditioned on purpose: few units, scale 1 (a large directional derivative next to the fp32
+    # rounding of the loss), and the upper layers only (fewer ReLU kinks crossed by the perturbation).
+    model = make_model(kind="moe", dropout=0.0, noisy_gating=False, layers=[3, 4], rank=8, scale=1.0)
     randomize_units(model, std=0.1)
     params = {m: unit_params(model, m) for m in ("vision", "language")}
     # The true gradient by autograd.
@@ -237,6 +242,6 @@ def test_step_coefficient_is_the_autograd_directional_derivative(make_model, bat
         for i, (p, g) in enumerate(zip(params[m], grads[m])):
             if g is not None:
                 want += float((g * direction(p, seed, i, "gaussian")).sum())
-    assert abs(want) > 1e-2
-    assert record.coefs["vision"][0] == pytest.approx(want, rel=2e-2)
+    assert abs(want) > 5e-2
+    assert record.coefs["vision"][0] == pytest.approx(want, rel=5e-2)
     assert record.coefs["language"][0] == record.coefs["vision"][0]

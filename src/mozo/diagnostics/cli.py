@@ -159,12 +159,16 @@ def main(args) -> int:
         print(f"mozo diagnose: --directions {args.directions} < max q {max(args.q)}: the cosine for that q needs at least q directions", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model, bb, spec, run_cfg = build_model(args)
     state = {"warmup_steps": args.warmup_steps, "checkpoint": None, "warmup_losses": []}
     parts = []
-    if args.checkpoint:
-        state["checkpoint"] = str(load_units(model, args.checkpoint))
-        parts.append(f"units from {args.checkpoint}")
+    try:
+        model, bb, spec, run_cfg = build_model(args)
+        if args.checkpoint:
+            state["checkpoint"] = str(load_units(model, args.checkpoint))
+            parts.append(f"units from {args.checkpoint}")
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"mozo diagnose: {exc}", file=sys.stderr)
+        return 2
     batches = make_batches(args.data, bb, args.batch, 1 + max(0, args.warmup_steps), seed=args.seed, device=args.device)
     diag_batch, warm_batches = batches[0], batches[1:]
     if args.warmup_steps > 0:

@@ -130,7 +130,9 @@ class HybridStep:
                 offset = 1.0
             feats, cache = {}, {}
             with self._autocast():
-                for m in MODALITIES:
+                # Towers without FO units first: their no-grad transients never sit on top of the
+                # activations an FO tower saves for backward (docs/benchmarks.md, optimisation 1).
+                for m in sorted(MODALITIES, key=lambda m: m in self.fo_towers):
                     with contextlib.nullcontext() if m in self.fo_towers else torch.no_grad():
                         feats[m], cache[m] = model.encode(m, inputs[m], capture_at=self.capture_at[m])
                     counts[f"tower:{m}"] += 1
