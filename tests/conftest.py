@@ -13,17 +13,25 @@ import os
 import pytest
 import torch
 
-# The tiny models are far too small to gain from intra-op threads, and on a shared 2-core machine
-# two threads per process that compete with other processes make every op up to 50x slower.
-torch.set_num_threads(int(os.environ.get("MOZO_TEST_THREADS", "1")))
-
-
+# Subprocesses started by tests (torchrun, `python -m mozo run`) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("MOZO_TEST_THREADS", "1"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: builds a full-size (ViT-B/16 geometry) model; deselect with -m 'not slow'")
 
 
 PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a green triangle", "a photo of a yellow star"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are far too small to gain from intra-op threads, and on a loaded 2-core machine
+    two threads per process make every op many times slower (seen: 80x). Every test runs with one
+    thread; MOZO_TEST_THREADS overrides the count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("MOZO_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ import pytest
 
 from mozo.zo.plan import GRAMMAR, PlanError, parse_plan, plan_for_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOWERS = ("vision", "language")
 
 

@@ -12,6 +12,8 @@ import mozo
 import mozo.backbone.towers as towers
 from conftest import randomize_units, snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # -- instrumentation ---------------------------------------------------------------------------------
 
@@ -111,7 +113,6 @@ def test_zo_prefix_below_the_lowest_fo_layer_saves_no_activation(make_model, bat
     assert rec.saved_in("vision", layers=[1, 2]) == []
     assert not rec.shares_storage_with_outputs("vision", [1, 2])
     assert rec.saved_in("vision", layers=[3]) and rec.saved_in("vision", layers=[4])
-    # Below the lowest FO layer, not even the block's input: only its FO unit reads a grad-free input.
     assert rec.saved_bytes() < rec_fo.saved_bytes()
 
 
@@ -232,17 +233,19 @@ def eval_loss(model, pixels, labels, text) -> float:
         return F.cross_entropy(model.logits(model.encode_images(pixels), model.encode_texts(text)), labels).item()
 
 
-# A single-label batch: the loss has directions a few dozen random-direction ZO steps can find (telling
-# random-noise images apart needs thousands of ZO steps on 135k parameters). FO-holding plans learn it
-# in a few steps; the ZO-only plans need more, with an lr tuned for ZO-SGD.
+# ZO-SGD descends only when lr * tr(H) is small; above that, its updates are a random walk whose effect
+# on the loss does not depend on the estimate's sign (checked while writing this test: with MoE units,
+# 135k parameters and lr 0.07 the loss fell just as much with the update negated). So the learning
+# test uses LoRA of rank 1 (2,048 parameters) and lr 1e-3, where negating the ZO update *raises* the
+# loss (dual-zo: x0.58 vs x1.13 after 60 steps). 8 random images, 4 prompts, labels 0/1 alternating.
 LEARNING = [
     ("fo", mozo.ZOConfig(), 1e-2, 15),
-    ("vision-zo", mozo.ZOConfig(lr=5e-2), 1e-2, 15),
-    ("language-zo", mozo.ZOConfig(lr=5e-2), 1e-2, 15),
-    ("vision:hop-even", mozo.ZOConfig(lr=5e-2), 1e-2, 15),
+    ("vision-zo", mozo.ZOConfig(lr=1e-3), 1e-2, 20),
+    ("language-zo", mozo.ZOConfig(lr=1e-3), 1e-2, 15),
+    ("vision:hop-even", mozo.ZOConfig(lr=1e-3), 1e-2, 15),
     ("dual:hop-odd", mozo.ZOConfig(rule="mozo", lr=1e-3), 1e-2, 15),
-    ("dual-zo", mozo.ZOConfig(lr=7e-2), 0.0, 60),
-    ("vision:zo+language:frozen", mozo.ZOConfig(lr=0.1), 0.0, 60),
+    ("dual-zo", mozo.ZOConfig(lr=1e-3), 0.0, 60),
+    ("language:zo+vision:frozen", mozo.ZOConfig(lr=1e-3), 0.0, 60),  # ZO alone, vision features reused
 ]
 
 
@@ -251,8 +254,8 @@ def test_every_plan_lowers_the_training_loss(make_model, tiny_backbone, plan, zo
     from conftest import PROMPTS
 
     g = torch.Generator().manual_seed(0)
-    pixels, labels, text = torch.randn(8, 3, 32, 32, generator=g), torch.zeros(8, dtype=torch.long), tiny_backbone.tokenize(PROMPTS)
-    model = make_model(kind="moe", dropout=0.0, noisy_gating=False)
+    pixels, labels, text = torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 2, tiny_backbone.tokenize(PROMPTS)
+    model = make_model(kind="lora", lora_rank=1)
     start = eval_loss(model, pixels, labels, text)
     step = mozo.HybridStep(model, plan, zo, fo_lr=fo_lr, seed=0)
     for _ in range(steps):

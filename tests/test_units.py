@@ -9,6 +9,8 @@ from mozo.peft.lora import LoRALinear
 from mozo.peft.moe import MoEAdapter
 from mozo.peft.units import NoiseControl, UnitInfo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def moe_params(d: int, rank: int = 64, experts: int = 2) -> int:
     """One MoE unit: per expert down (d*r + r) and up (r*d + d); the router's w_gate and w_noise (d*E each)."""

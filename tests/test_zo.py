@@ -12,6 +12,8 @@ from mozo.zo.directions import direction, modality_seed, perturb_
 from mozo.zo.rules import estimate_, replay
 from conftest import randomize_units, snapshot, unit_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 

@@ -91,8 +91,9 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cp
 
     if spec in SYNTHETIC:
         tok = load_tokenizer(builtin_tokenizer_dir())
-        torch.manual_seed(seed)
-        model = CLIPModel(synthetic_config(spec, len(tok), tok.eos_token_id, tok.bos_token_id))
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = CLIPModel(synthetic_config(spec, len(tok), tok.eos_token_id, tok.bos_token_id))
         size, mean, std = model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
     else:
         if spec in SHIPPED and not (SHIPPED[spec] / "config.json").exists():
@@ -104,7 +105,8 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cp
         if looks_local and not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"backbone folder {path} has no config.json; expected a folder written by "
-                "CLIPModel.save_pretrained (config.json, model.safetensors, vocab.json, merges.txt), "
+                "CLIPModel.save_pretrained plus the tokenizer's save_pretrained (config.json, model.safetensors, "
+                "tokenizer.json or vocab.json + merges.txt), "
                 f"or a hub id such as {DEFAULT_BACKBONE}, or 'tiny'."
             )
         try:

@@ -45,6 +45,11 @@ class MozoCLIP(nn.Module):
         peft = peft or PeftConfig()
         if peft.kind not in PEFT_KINDS:
             raise ValueError(f"unknown peft kind {peft.kind!r}; choose one of {PEFT_KINDS}")
+        from mozo.peft.lora import LoRALinear
+
+        if any(isinstance(m, LoRALinear) for m in backbone.model.modules()):
+            raise ValueError("this backbone already carries the LoRA units of another MozoCLIP (LoRA wraps the "
+                             "backbone's linears in place); load a fresh backbone for each model")
         self.backbone = backbone
         self.clip = backbone.model
         self.peft = peft
