@@ -14,7 +14,6 @@ and rules are described in docs/datasets_mtcl.md.
 from __future__ import annotations
 
 import gzip
-import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -223,23 +222,11 @@ def read_caltech101(root: Path, split_rule: str = "stratified") -> Splits:
     return _split(_make(key, "all", sources, labels, names, where=folder), split_rule)
 
 
-def _unpickle(path: Path, dataset: str) -> dict:
-    with open(_require(path, dataset, "the CIFAR-100 python pickle"), "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
 def read_cifar100(root: Path) -> Splits:
-    """CIFAR-100 python pickles; images are decoded once into HxWx3 uint8 arrays (150 MB)."""
-    key = "cifar100"
-    folder = _find_dir(Path(root), ["cifar-100-python"], key, "cifar-100-python/ with train, test and meta")
-    classes = [_spaces(c) for c in _unpickle(folder / "meta", key)["fine_label_names"]]
+    """CIFAR-100 python pickles: the same reader as the class-incremental protocols."""
+    from mozo.data.readers import read_cifar100 as read
 
-    def part(split: str) -> LabelledImages:
-        batch = _unpickle(folder / split, key)
-        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return _make(key, split, np.ascontiguousarray(images), batch["fine_labels"], classes, where=folder)
-
-    return part("train"), part("test")
+    return read(root)
 
 
 def read_dtd(root: Path, split_rule: str = "stratified") -> Splits:
