@@ -31,6 +31,7 @@ class DataConfig:
     num_workers: int = 0
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
     eval_batch_size: int = 256
+    eval_future: bool = False  # cil: also score not-yet-trained tasks zero-shot on their own classes (Transfer)
     datasets: Optional[list[str]] = None  # mtcl: restrict/override the dataset sequence
     dataset: Optional[str] = None  # protocol=cil: reader name (cifar100, tinyimagenet, imagenet-r, imagefolder)
     order: Optional[str] = None  # protocol=cil: class order key of class_orders.yaml (None: dataset order)
@@ -121,6 +122,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
     elif hint is float or "float" in text:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
         value = float(value)

@@ -138,8 +138,9 @@ class Runner:
         return make_transform(False, self.backbone.image_size, self.backbone.mean, self.backbone.std)
 
     @torch.no_grad()
-    def accuracy(self, task_index: int, classnames: list[str]) -> tuple[float, int]:
-        """Accuracy (%) of the current model on a task's test set against `classnames`, sharded over ranks."""
+    def accuracy(self, task_index: int, classnames: list[str], label_offset: int = 0) -> tuple[float, int]:
+        """Accuracy (%) on a task's test set against `classnames` (labels minus `label_offset` index them),
+        sharded over ranks."""
         images = self.tasks[task_index].test
         if self.cfg.eval_max_samples and len(images) > self.cfg.eval_max_samples:
             pick = np.random.default_rng(mix_seed(self.cfg.seed, task_index) % 2**32).permutation(len(images))
@@ -155,7 +156,7 @@ class Runner:
             if len(labels) == 0:
                 continue
             pred = self.model.logits(self.model.encode_images(pixels.to(self.device)), text).argmax(-1).cpu()
-            correct += torch.tensor([(pred == labels).sum().item(), len(labels)], dtype=torch.float64)
+            correct += torch.tensor([(pred == labels - label_offset).sum().item(), len(labels)], dtype=torch.float64)
         correct = self.dist.reduce_sum(correct)
         return 100.0 * float(correct[0]) / max(1.0, float(correct[1])), int(correct[1])
 
@@ -164,7 +165,10 @@ class Runner:
         sc, n = self.scenario, self._n_tasks
         if sc.protocol == "cil":
             names = sc.eval_classnames(t)
-            return [self.accuracy(j, names)[0] if j <= t else None for j in range(n)]
+            future = self.cfg.data.eval_future
+            return [self.accuracy(j, names)[0] if j <= t
+                    else self.accuracy(j, self.tasks[j].classnames, self.tasks[j].label_offset)[0] if future else None
+                    for j in range(n)]
         return [self.accuracy(j, sc.eval_classnames(j))[0] for j in range(n)]
 
     # -- training ------------------------------------------------------------------------------

@@ -205,7 +205,9 @@ def summarize(
 
     - CIL: `step_acc[i]` = acc_i, the sample-weighted mean of `A[i][0..i]` with `task_test_sizes` as
       weights. If `task_test_sizes` is None, a plain mean is used instead (correct only when every task
-      has the same number of test images). Last = acc_T, Avg = mean_i acc_i, transfer = None.
+      has the same number of test images). Last = acc_T, Avg = mean_i acc_i. Transfer (as MTCL's) only
+      when every entry above the diagonal is present, i.e. the run evaluated each future task zero-shot
+      on its own classes (`data.eval_future`); otherwise None.
     - MTCL: `step_acc[i]` = mean of row i; Last = mean_j A[T][j]; Avg = mean_j mean_i A[i][j];
       Transfer = mean_{j>=1} mean_{i<j} A[i][j] (None with a single task). The matrix must be full.
     - Both: bwt and forgetting (see `backward_transfer`, `forgetting`), None with a single row.
@@ -227,7 +229,10 @@ def summarize(
     sizes = _check_sizes(task_test_sizes, len(matrix[0]))
     if proto == "cil":
         step_acc = cil_step_accuracies(matrix, sizes)
-        last, avg, transfer = step_acc[-1], sum(step_acc) / len(step_acc), None
+        # Transfer only when the run also evaluated every not-yet-trained task (data.eval_future).
+        future = all(matrix[i][j] is not None for j in range(1, len(matrix[0])) for i in range(min(j, len(matrix))))
+        last, avg = step_acc[-1], sum(step_acc) / len(step_acc)
+        transfer = mtcl_transfer(matrix) if future else None
     else:
         step_acc = mtcl_row_means(matrix)
         last, avg, transfer = step_acc[-1], mtcl_avg(matrix), mtcl_transfer(matrix)
