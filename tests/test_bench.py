@@ -98,5 +98,46 @@ def test_bench_orderings(bench):
     assert "| fo |" in table and "| inference |" in table
 
 
-def test_bench_rejects_bad_arguments():
+def test_bench_rejects_bad_arguments(capsys):
     assert mozo_main(["bench", "--backbone", "tiny", "--steps", "0"]) == 2
+    assert mozo_main(["bench", "--backbone", "tiny", "--plans", "fo,vision:bogus"]) == 2
+    assert "unknown pattern 'bogus'" in capsys.readouterr().err
+    assert mozo_main(["bench", "--backbone", "tiny", "--towers", "audio"]) == 2
+
+
+@pytest.mark.parametrize("plan", ["fo", "vision-zo"])
+def test_static_text_features_are_computed_once(make_model, batch, one_thread, plan):
+    """Units on the vision tower only: the class prompts' features are computed at the first step and
+    reused while the prompts stay the same; the trajectory is the one without the cache."""
+    import mozo
+    from conftest import randomize_units, snapshot
+
+    pixels, labels, text = batch
+    runs = []
+    for use_cache in (True, False):
+        model = make_model(seed=0, towers=("vision",))
+        randomize_units(model, seed=1)
+        step = mozo.HybridStep(model, plan, mozo.ZOConfig(lr=1e-2), fo_lr=1e-2, seed=2)
+        assert step.static_text
+        step.static_text = use_cache
+        stats = [step(pixels, labels, text) for _ in range(3)]
+        runs.append(([s.loss for s in stats], [s.tower_forwards["language"] for s in stats], snapshot(model)))
+    (loss_c, fwd_c, state_c), (loss_n, fwd_n, state_n) = runs
+    assert fwd_c == [1, 0, 0] and fwd_n == [1, 1, 1]
+    assert loss_c == loss_n
+    assert all(torch.equal(state_c[k], state_n[k]) for k in state_c)
+    # other prompts: a miss, computed again
+    other = {k: v.flip(0) for k, v in text.items()}
+    model = make_model(seed=0, towers=("vision",))
+    step = mozo.HybridStep(model, plan, mozo.ZOConfig(), seed=2)
+    assert [step(pixels, labels, t).tower_forwards["language"] for t in (text, text, other, other)] == [1, 0, 1, 0]
+
+
+def test_noisy_or_trainable_language_units_disable_the_text_cache(make_model):
+    import mozo
+
+    model = make_model()  # MoE on both towers: dropout and router noise
+    assert not mozo.HybridStep(model, "language:frozen").static_text
+    assert not mozo.HybridStep(model, "vision-zo").static_text
+    quiet = make_model(kind="adapter", dropout=0.0)
+    assert mozo.HybridStep(quiet, "language:frozen").static_text

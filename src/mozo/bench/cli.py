@@ -1,9 +1,10 @@
 """`mozo bench`: peak memory, saved activations and step time of plans side by side.
 
-Each plan runs in a fresh Python process (`python -m mozo.bench.measure`), after warm-up, so no plan
-inherits another's allocator state. A forward-only `inference` row (both towers under `no_grad`) is
-always added: the floor that zeroth-order plans approach. The table gives every figure as a ratio
-to the `fo` row when `fo` is among the plans.
+Each plan runs in a fresh process (forked from a server that only imported the modules, or a new
+interpreter running `python -m mozo.bench.measure`), after warm-up, so no plan inherits another's
+allocator state. A forward-only `inference` row (both towers under `no_grad`) is always added: the
+floor that zeroth-order plans approach. The table gives every figure as a ratio to the `fo` row when
+`fo` is among the plans. How memory is measured: mozo/bench/memory.py and docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mozo.bench.measure import INFERENCE, BenchSpec
+from mozo.zo.config import RULES
 
 DEFAULT_PLANS = "fo,dual-zo,vision-zo,language-zo"
 ISOLATIONS = ("forkserver", "subprocess")
 PRELOAD = ["mozo.bench.measure", "transformers.models.clip.modeling_clip"]
 MiB = 2**20
+SYNTHETIC_DEPTH = {"tiny": 4, "vit-b-16": 12}  # layers per tower of the built-in geometries
 RANDOM_INIT_NOTE = ("random initialisation is fine here: memory and speed depend on shapes and plans, "
                     "not on weight values")
 
@@ -43,6 +46,7 @@ def split_plans(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="vit-b-16", help="tiny | vit-b-16 (ViT-B/16 geometry, random init) | hub id | save_pretrained folder (default vit-b-16)")
     parser.add_argument("--peft", default="moe", choices=("moe", "lora", "adapter"), help="PEFT units on every layer of both towers (default moe)")
+    parser.add_argument("--towers", default="vision,language", help="towers that get PEFT units (default vision,language)")
     parser.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--classes", type=int, default=10, help="class prompts encoded per step (default 10)")
     parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma-separated plans (grammar of `mozo run`; default {DEFAULT_PLANS}); an `inference` row is always added")
@@ -53,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per measuring process (default: torch's choice; use 1 on a shared machine)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32 or bf16 autocast (default fp32)")
-    parser.add_argument("--rule", default="sgd", help="ZO update rule (default sgd)")
+    parser.add_argument("--rule", default="sgd", choices=RULES, help="ZO update rule (default sgd)")
     parser.add_argument("--q", type=int, default=1, help="ZO directions per step (default 1)")
     parser.add_argument("--two-sided", action="store_true", help="two-sided ZO estimate")
+    parser.add_argument("--fo-at-perturbed", action="store_true", help="two-sided, q=1: FO gradient taken at theta+eps z (one forward fewer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--isolation", default="forkserver", choices=ISOLATIONS,
                         help="how each plan gets a fresh process: forkserver (forked from a process that only imported the modules; default) "
@@ -173,9 +178,10 @@ def format_table(rows: list[dict]) -> str:
 def describe(spec: BenchSpec, rows: list[dict]) -> str:
     first = rows[0] if rows else {}
     model_mib = first.get("model_param_bytes", 0) / MiB
-    return (f"backbone {spec.backbone}, peft {spec.peft}, batch {spec.batch}, {spec.classes} class prompts, "
+    return (f"backbone {spec.backbone}, peft {spec.peft} on {'+'.join(spec.towers)}, batch {spec.batch}, {spec.classes} class prompts, "
             f"device {spec.device}, {first.get('threads', '?')} thread(s), torch {first.get('torch', '?')}, "
-            f"ZO rule {spec.zo_rule} q={spec.q} {'two' if spec.two_sided else 'one'}-sided, "
+            f"ZO rule {spec.zo_rule} q={spec.q} {'two' if spec.two_sided else 'one'}-sided"
+            f"{' (FO gradient at theta+eps z)' if spec.fo_at_perturbed else ''}, "
             f"{spec.warmup} warm-up + {spec.steps} timed steps per plan; model parameters {model_mib:.1f} MiB\n"
             f"memory: {first.get('memory_method', '?')}\n{RANDOM_INIT_NOTE}")
 
@@ -185,9 +191,25 @@ def main(args: argparse.Namespace) -> int:
         print("mozo bench: error: --steps, --batch and --classes must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     plans = split_plans(args.plans)
-    spec = BenchSpec(backbone=args.backbone, peft=args.peft, batch=args.batch, classes=args.classes, steps=args.steps,
+    depth = SYNTHETIC_DEPTH.get(args.backbone)
+    if depth is not None:  # catch a malformed plan here rather than in a child process's traceback
+        from mozo.zo.plan import PlanError, parse_plan
+
+        for plan in plans:
+            if plan != INFERENCE:
+                try:
+                    parse_plan(plan, {m: depth for m in ("vision", "language")})
+                except PlanError as err:
+                    print(f"mozo bench: error: {err}", file=sys.stderr)
+                    return 2
+    towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
+    if not towers or set(towers) - {"vision", "language"}:
+        print(f"mozo bench: error: --towers takes vision, language or both, got {args.towers!r}", file=sys.stderr)
+        return 2
+    spec = BenchSpec(backbone=args.backbone, peft=args.peft, towers=towers, batch=args.batch, classes=args.classes, steps=args.steps,
                      warmup=args.warmup, device=args.device or _default_device(), seed=args.seed, precision=args.precision,
-                     zo_rule=args.rule, q=args.q, two_sided=args.two_sided, threads=args.threads)
+                     zo_rule=args.rule, q=args.q, two_sided=args.two_sided,
+                     fo_at_perturbed=args.fo_at_perturbed, threads=args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rows, errors = run_bench(spec, plans, args.timeout, log, args.isolation)
     if rows:

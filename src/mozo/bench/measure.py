@@ -42,6 +42,7 @@ class BenchSpec:
 
     backbone: str = "tiny"
     peft: str = "moe"
+    towers: tuple = ("vision", "language")  # towers that get PEFT units
     batch: int = 4
     classes: int = 10
     steps: int = 3
@@ -52,6 +53,7 @@ class BenchSpec:
     zo_rule: str = "sgd"
     q: int = 1
     two_sided: bool = False
+    fo_at_perturbed: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None = torch's default
     extra: dict = field(default_factory=dict)
 
@@ -92,7 +94,7 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
     device = torch.device(spec.device)
     t0 = time.perf_counter()
     backbone = mozo.load_backbone(spec.backbone, device=device, seed=spec.seed)
-    model = mozo.MozoCLIP(backbone, mozo.PeftConfig(kind=spec.peft))
+    model = mozo.MozoCLIP(backbone, mozo.PeftConfig(kind=spec.peft, towers=tuple(spec.towers)))
     build_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -109,15 +111,16 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
 
         @torch.no_grad()
         def run() -> Any:
-            img = model.encode_images(pixels)
-            txt = model.encode_texts(text)
-            return loss_fn(model.logits(img, txt).float(), labels)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+                img = model.encode_images(pixels)
+                txt = model.encode_texts(text)
+                return loss_fn(model.logits(img, txt).float(), labels)
 
         passes = (1, 0)
         tower_forwards = {m: 1 for m in MODALITIES}
         layer_forwards = {m: model.num_layers(m) for m in MODALITIES}
     else:
-        zo = mozo.ZOConfig(rule=spec.zo_rule, q=spec.q, two_sided=spec.two_sided)
+        zo = mozo.ZOConfig(rule=spec.zo_rule, q=spec.q, two_sided=spec.two_sided, fo_at_perturbed=spec.fo_at_perturbed)
         step = mozo.HybridStep(model, plan_text, zo, seed=spec.seed, precision=spec.precision)
         plan = step.plan
 
