@@ -72,6 +72,9 @@ def main(args: argparse.Namespace) -> int:
     from mozo.engine.loop import run_experiment
     from mozo.report import write_report
 
+    import torch
+
+    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads, and loses a lot under load
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
