@@ -95,6 +95,7 @@ class Runner:
         }
         self._n_tasks = n
         self._log_file = None
+        self._tb = None  # SummaryWriter, or False when tensorboard is not installed
 
     # -- persistence ---------------------------------------------------------------------------
     def log(self, event: str, **fields: Any) -> None:
@@ -104,6 +105,27 @@ class Runner:
             self._log_file = open(self.out / "events.jsonl", "a")
         self._log_file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
         self._log_file.flush()
+        self._tensorboard(event, fields)
+
+    def _tensorboard(self, event: str, fields: dict) -> None:
+        """Mirror losses and accuracies to TensorBoard under RUN_DIR/tb when tensorboard is installed."""
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency: pip install mozo[tensorboard]
+                self._tb = False
+                return
+            self._tb = SummaryWriter(str(self.out / "tb"))
+        if self._tb is False:
+            return
+        if event == "step":
+            self._tb.add_scalar("train/loss", fields["loss"], self.state["steps"])
+            self._tb.add_scalar("train/lr", fields["lr"], self.state["steps"])
+        elif event == "eval":
+            for j, acc in enumerate(fields["row"]):
+                if acc is not None:
+                    self._tb.add_scalar(f"eval/task{j + 1}", acc, fields["task"] + 1)
+        self._tb.flush()
 
     def save(self, step: HybridStep | None) -> None:
         if step is not None:
