@@ -61,10 +61,17 @@ def _reference(params, loss, grad, eps, qs, n, seed, dist="gaussian"):
             gq = est[r * q:(r + 1) * q].mean(0)
             vals.append(float(gq @ gvec / (gq.norm() * gvec.norm())))
         cos[q] = sum(vals) / len(vals)
+    sign_cos = {}
+    for q in qs:
+        vals = []
+        for r in range(n // q):
+            s = torch.sign(est[r * q:(r + 1) * q].mean(0))
+            vals.append(float(s @ gvec / (s.norm() * gvec.norm())))
+        sign_cos[q] = sum(vals) / len(vals)
     agree = sum(1 for c, z in zip(cs, zs) if math.copysign(1, c) == math.copysign(1, float(z @ gvec))) / n
     return {"mean_sq_norm": float((est ** 2).sum(1).mean()), "variance": variance,
             "variance_about_true": float(((est - gvec) ** 2).sum(1).mean()),
-            "normalized_variance": variance / float(gvec @ gvec), "cosine": cos, "sign_agreement": agree}
+            "normalized_variance": variance / float(gvec @ gvec), "cosine": cos, "sign_cosine": sign_cos, "sign_agreement": agree}
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
@@ -80,6 +87,7 @@ def test_statistics_match_definitions(dist):
         for q in (1, 2, 4):
             assert row["cosine"][str(q)]["mean"] == pytest.approx(ref["cosine"][q], rel=1e-9, abs=1e-12)
             assert row["cosine"][str(q)]["repeats"] == 12 // q
+            assert row["sign_cosine"][str(q)] == pytest.approx(ref["sign_cosine"][q], rel=1e-9, abs=1e-12)
     # parameters are restored exactly
     fresh, _, _ = _quadratic()
     assert all(torch.equal(p, f) for p, f in zip(params, fresh))
@@ -115,6 +123,15 @@ def test_zero_gradient_gives_undefined_cosine():
     assert row["normalized_variance"] is None and row["sign_agreement"] is None
     assert row["variance"] == 0.0 and row["loss_diff"]["zero_fraction"] == 1.0
     json.dumps(stats)  # None, not NaN: valid JSON
+
+
+def test_all_zero_loss_differences_leave_cosine_undefined():
+    """Non-zero gradient, but eps so small that every loss difference rounds to 0: no estimate, no cosine."""
+    p = torch.ones(3)
+    stats = estimator_statistics([p], lambda: 1.0, [torch.ones(3)], eps=[1e-3], q=[1, 3], directions=3, seed=0)
+    row = stats["by_eps"][0]
+    assert row["cosine"]["1"]["mean"] is None and row["cosine"]["1"]["zero_estimates"] == 3
+    assert row["loss_diff"]["zero_fraction"] == 1.0 and row["sign_agreement"] == 0.0
 
 
 def test_clip_unit_closure_and_true_gradient():
@@ -193,3 +210,44 @@ def test_sweep_on_tiny_imagefolder(tmp_path):
     again = sweep("demo", [1e-4], [1e-3], [1e-3], "dual:hop-odd", [0], extra, max_steps=1, out_dir=tmp_path / "runs",
                   data_root=tmp_path / "data", log=lambda s: None)
     assert again["settings"][0]["seeds"][0]["reused"]
+
+
+def test_joint_estimate_is_the_training_steps_estimate():
+    """--block joint: one difference for all ZO units of a plan, per-tower epsilons, HybridStep's seeds."""
+    from mozo.backbone.clip import load_backbone
+    from mozo.diagnostics.measure import diagnose_joint, random_batches, warmup
+    from mozo.peft.inject import MozoCLIP
+    from mozo.zo.directions import mix_seed, modality_seed, perturb_
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny")
+    model = MozoCLIP(bb, __import__("mozo").PeftConfig(rank=8))
+    batches = random_batches(bb, 2, 2, seed=1)
+    warmup(model, batches[1:], 1)
+    res = diagnose_joint(model, batches[0], "vision:4+language:2", [1e-3], [2e-3], q=[1], directions=2, seed=3)
+    assert set(res["towers"]) == {"vision", "language"} and res["towers"]["vision"]["units"] == ["vision.4.moe"]
+    pair = res["pairs"][0]
+    params = {"vision": list(model.unit("vision", 4).parameters()), "language": list(model.unit("language", 2).parameters())}
+    eps = {"vision": 1e-3, "language": 2e-3}
+    b = batches[0]
+
+    def full_loss() -> float:
+        model.train()
+        model.noise.seed = mix_seed(3, 17)
+        with torch.no_grad():
+            out = torch.nn.functional.cross_entropy(model.logits(model.encode_images(b.pixel_values), model.encode_texts(b.text_inputs)), b.labels)
+        model.noise.seed = None
+        return float(out)
+
+    l0 = full_loss()
+    for d in range(2):
+        s = mix_seed(3, 99, d)
+        saved = {m: [p.clone() for p in ps] for m, ps in params.items()}
+        for m, ps in params.items():
+            perturb_(ps, modality_seed(s, m), eps[m], "gaussian")
+        diff = full_loss() - l0
+        for m, ps in params.items():
+            for p, v in zip(ps, saved[m]):
+                p.data.copy_(v)
+        for m in params:
+            assert pair[m]["coefs"][d] == pytest.approx(diff / eps[m], rel=1e-3, abs=1e-4)

@@ -28,6 +28,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one (ascii, lower-case) word under `ranks`: the pieces it ends with."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = {(a, b) for a, b in zip(pieces, pieces[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        out, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and (pieces[i], pieces[i + 1]) == best:
+                out.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                out.append(pieces[i])
+                i += 1
+        pieces = out
+    return pieces
+
+
 def write_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_length: int = 32) -> Path:
     """Write a CLIP-format tokenizer whose vocabulary holds every byte plus each word of `words` whole."""
     out = Path(out_dir)
@@ -35,21 +55,23 @@ def write_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
     byte_chars = list(_bytes_to_unicode().values())
     vocab: list[str] = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     known = set(vocab)
     for word in sorted({w.lower() for w in words if w}):
         if not word.isascii() or not word.isalnum():
             raise ValueError(f"tokenizer words must be ascii letters/digits, got {word!r}")
-        if len(word) == 1:
-            continue
-        left = word[0]
-        for i in range(1, len(word)):
-            right = word[i] + ("</w>" if i == len(word) - 1 else "")
-            merged = left + right
-            if merged not in known:
-                merges.append((left, right))
-                vocab.append(merged)
-                known.add(merged)
-            left = merged
+        # BPE applies the lowest-ranked merge anywhere in the word, so merges written for other words
+        # (e.g. "an") can split this one ("orange" -> "or an ge"). Run BPE with the merges so far and
+        # join whatever pieces remain, left to right, with new merges ranked after all existing ones.
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in known:
+                vocab.append(pair[0] + pair[1])
+                known.add(pair[0] + pair[1])
+            pieces = _bpe(word, ranks)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")

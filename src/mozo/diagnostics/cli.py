@@ -56,7 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", type=int, default=32, help="directions N per unit (cosine repeats = N // q)")
     p.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
     p.add_argument("--two-sided", action="store_true", help="central differences instead of the one-sided Eq. 2")
-    p.add_argument("--block", default="unit", choices=("unit", "tower"), help="ZO block: one unit (the paper's) or a whole tower")
+    p.add_argument("--block", default="unit", choices=("unit", "tower", "joint"), help="ZO block: one unit (the paper's), a whole "
+                   "tower, or joint: all ZO units of --plan at once with per-tower epsilons and one loss difference, "
+                   "exactly as the training step forms the estimate")
+    p.add_argument("--plan", default="dual:hop-odd", help="--block joint: the plan whose ZO units are perturbed together")
+    p.add_argument("--eps-vision", type=_floats, default=None, help="--block joint: vision epsilons (default: --eps)")
+    p.add_argument("--eps-language", type=_floats, default=None, help="--block joint: language epsilons (default: --eps)")
     p.add_argument("--layers", type=_ints, default=None, help="only these layers (both towers), e.g. 1,6,12")
     p.add_argument("--modalities", default="vision,language", help="towers to measure")
     p.add_argument("--warmup-steps", type=int, default=0, help="first-order steps (plan fo) on the batch source before measuring; "
@@ -69,25 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-prefix", default="diag")
     p.add_argument("--ref-eps", type=float, default=None, help="epsilon of the per-layer and per-q figures and the printed table (default: nearest 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def resolve_backbone(spec: str, device):
-    """load_backbone, plus `mozo-tiny` -> the packaged src/mozo/assets/tiny-clip when the loader lacks the alias."""
-    from mozo.backbone.clip import ASSETS, load_backbone
-
-    if spec != "mozo-tiny":
-        return load_backbone(spec, device)
-    folder = ASSETS / "tiny-clip"
-    try:
-        return load_backbone(spec, device, local_only=True)
-    except Exception:
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"the shipped tiny CLIP is missing ({folder}); create it with `mozo pretrain-tiny`") from None
-        return load_backbone(str(folder), device)
+    p.add_argument("--from-json", default=None, metavar="REPORT", help="measure nothing: print and plot an existing report "
+                   "(reference values recomputed with this version)")
 
 
 def build_model(args):
     """(model, backbone, description of where the units come from, run config or None)."""
+    from mozo.backbone.clip import load_backbone
     from mozo.peft.inject import MozoCLIP, PeftConfig
 
     run_cfg = None
@@ -100,7 +93,7 @@ def build_model(args):
     spec = args.backbone or (run_cfg.backbone if run_cfg else "tiny")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    bb = resolve_backbone(spec, device)
+    bb = load_backbone(spec, device, seed=args.seed)
     peft = run_cfg.peft if run_cfg else PeftConfig()
     if args.peft:
         peft.kind = args.peft
@@ -109,6 +102,19 @@ def build_model(args):
     torch.manual_seed(args.seed)
     model = MozoCLIP(bb, peft)
     return model, bb, spec, run_cfg
+
+
+def refresh_reference_values(report: dict) -> dict:
+    """Recompute the exact-derivative reference values (pure functions of P, q, distribution)."""
+    from mozo.diagnostics.stats import ideal_cosine, ideal_normalized_variance
+
+    dist = report["estimator"]["distribution"]
+    for r in report["rows"]:
+        r["ideal_normalized_variance"] = ideal_normalized_variance(r["params"], dist)
+        for e in r["by_eps"]:
+            for q, c in e["cosine"].items():
+                c["ideal"] = ideal_cosine(r["params"], int(q)) if dist == "gaussian" else None
+    return report
 
 
 def _fp32_ulp(x: float) -> float:
@@ -128,7 +134,7 @@ def print_summary(report: dict, ref: int, out=sys.stdout) -> None:
     print(f"\nbackbone {report['backbone']} | {report['state']['description']} | data: {report['data']['note']}", file=out)
     print(f"loss {report['loss_autograd']:.4f} | eps {eps:g} | {report['estimator']['directions']} directions "
           f"({report['estimator']['distribution']}, {'two' if report['estimator']['two_sided'] else 'one'}-sided)", file=out)
-    head = f"{'block':<14}{'P':>9}{'|grad|':>10}{'E|g_d|^2':>11}{'variance':>11}{'var/|g|^2':>11}{'/(P+1)':>8}" + "".join(f"{'cos q=' + str(q):>10}" for q in qs) + f"{'sign ok':>9}{'fd err':>8}"
+    head = f"{'block':<14}{'P':>9}{'|grad|':>10}{'E|g_d|^2':>11}{'variance':>11}{'var/|g|^2':>11}{'/ideal':>8}" + "".join(f"{'cos q=' + str(q):>10}" for q in qs) + f"{'sgncos' + str(qs[0]):>9}{'sign ok':>9}{'fd err':>8}"
     print(head, file=out)
     for r in report["rows"]:
         e = r["by_eps"][ref]
@@ -137,6 +143,7 @@ def print_summary(report: dict, ref: int, out=sys.stdout) -> None:
         ratio = None if nv is None else nv / r["ideal_normalized_variance"]
         print(f"{name:<14}{r['params']:>9}{r['grad_norm']:>10.3g}{e['mean_sq_norm']:>11.3g}{e['variance']:>11.3g}{_fmt(nv):>11}{_fmt(ratio, '.2f'):>8}"
               + "".join(f"{_fmt(e['cosine'][str(q)]['mean'], '.3f'):>10}" for q in qs)
+              + f"{_fmt((e.get('sign_cosine') or {}).get(str(qs[0])), '.3f'):>9}"
               + f"{_fmt(e['sign_agreement'], '.2f'):>9}{_fmt(e['loss_diff']['fd_rel_error'], '.2g'):>8}", file=out)
     print("per modality (sums over units; means of per-unit normalised values):", file=out)
     for m, a in report["modalities"].items():
@@ -155,6 +162,13 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_json:
+        report = refresh_reference_values(json.loads(Path(args.from_json).read_text()))
+        print_summary(report, reference_index(report["estimator"]["eps"], args.ref_eps))
+        if args.plots:
+            for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
+                print(f"wrote {p}")
+        return 0
     if args.directions < max(args.q):
         print(f"mozo diagnose: --directions {args.directions} < max q {max(args.q)}: the cosine for that q needs at least q directions", file=sys.stderr)
         return 2
@@ -185,20 +199,16 @@ def main(args) -> int:
     def progress(text: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
+    if args.block == "joint":
+        return _main_joint(args, model, spec, diag_batch, state, progress, t0)
     result = diagnose(model, diag_batch, args.eps, args.q, args.directions, seed=args.seed, distribution=args.distribution,
                       two_sided=args.two_sided, block=args.block, units=units, progress=progress)
     loss = result["loss_autograd"]
     report = {
-        "backbone": spec,
-        "peft": {"kind": model.peft.kind, "rank": model.peft.rank, "num_experts": model.peft.num_experts},
-        "trainable_params": model.trainable_parameter_counts(),
-        "widths": {m: model.towers[m].width for m in ("vision", "language")},
-        "data": {"source": diag_batch.source, "requested": args.data, "note": diag_batch.note, "batch": args.batch,
-                 "prompts": diag_batch.prompts, "labels": diag_batch.labels.tolist()},
-        "state": state,
+        **_header(model, spec, diag_batch, args, state),
         "estimator": {"block": args.block, "distribution": args.distribution, "two_sided": args.two_sided,
                       "directions": args.directions, "eps": args.eps, "q": args.q, "seed": args.seed,
-                      "seed_scheme": "direction d of unit (m, k): direction(p_i, mix_seed(mix_seed(seed, {vision:1, language:2}[m], k), d), i)"},
+                      "seed_scheme": "direction d of unit (m, k): direction(p_i, mix_seed(mix_seed(seed, {vision:1, language:2}[m], k), d), i), k = 0 for --block tower"},
         "loss_autograd": loss,
         "loss_ulp": _fp32_ulp(loss),
         "rows": result["rows"],
@@ -216,3 +226,56 @@ def main(args) -> int:
         for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
             print(f"wrote {p}")
     return 0
+
+
+def _header(model, spec: str, batch, args, state: dict) -> dict:
+    return {
+        "backbone": spec,
+        "peft": {"kind": model.peft.kind, "rank": model.peft.rank, "num_experts": model.peft.num_experts},
+        "trainable_params": model.trainable_parameter_counts(),
+        "widths": {m: model.towers[m].width for m in ("vision", "language")},
+        "data": {"source": batch.source, "requested": args.data, "note": batch.note, "batch": args.batch,
+                 "prompts": batch.prompts, "labels": batch.labels.tolist()},
+        "state": state,
+    }
+
+
+def _main_joint(args, model, spec, batch, state, progress, t0) -> int:
+    from mozo.diagnostics.measure import diagnose_joint
+
+    ev, el = args.eps_vision or args.eps, args.eps_language or args.eps
+    try:
+        result = diagnose_joint(model, batch, args.plan, ev, el, args.q, args.directions, seed=args.seed,
+                                distribution=args.distribution, two_sided=args.two_sided, progress=progress)
+    except ValueError as exc:
+        print(f"mozo diagnose: {exc}", file=sys.stderr)
+        return 2
+    report = {**_header(model, spec, batch, args, state),
+              "estimator": {"block": "joint", "plan": args.plan, "distribution": args.distribution, "two_sided": args.two_sided,
+                            "directions": args.directions, "eps_vision": ev, "eps_language": el, "q": args.q, "seed": args.seed},
+              **result, "wall_time_s": time.perf_counter() - t0}
+    print_joint(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_joint(report: dict, out=sys.stdout) -> None:
+    qs = report["estimator"]["q"]
+    towers = list(report["towers"])
+    print(f"\nbackbone {report['backbone']} | {report['state']['description']} | plan {report['plan']} (joint estimate, as trained)", file=out)
+    for m, t in report["towers"].items():
+        print(f"  {m}: {len(t['units'])} ZO units, P {t['params']}, |grad| {t['grad_norm']:.3g}", file=out)
+    head = f"{'eps_v':>8}{'eps_l':>8}" + "".join(f"  | {m[:4]} {'sign ok':>7}{'fd err':>8}" + "".join(f"{'cos' + str(q):>8}" for q in qs)
+                                               + f"{'sgncos1':>8}" for m in towers)
+    print(head, file=out)
+    for pr in report["pairs"]:
+        line = f"{pr['eps_vision']:>8g}{pr['eps_language']:>8g}"
+        for m in towers:
+            e = pr[m]
+            line += (f"  | {'':4} {_fmt(e['sign_agreement'], '.2f'):>7}{_fmt(e['loss_diff']['fd_rel_error'], '.2g'):>8}"
+                     + "".join(f"{_fmt(e['cosine'][str(q)]['mean'], '.3f'):>8}" for q in qs)
+                     + f"{_fmt(e['sign_cosine'][str(qs[0])], '.3f'):>8}")
+        print(line, file=out)

@@ -262,3 +262,94 @@ def aggregate(rows: list[dict], eps: Sequence[float], q: Sequence[int]) -> dict:
             })
         out[m] = agg
     return out
+
+
+# ----------------------------------------------------------------------------------------- joint (as trained)
+@torch.no_grad()
+def diagnose_joint(model: MozoCLIP, batch: Batch, plan_text: str, eps_vision: Sequence[float], eps_language: Sequence[float],
+                   q: Sequence[int], directions: int, seed: int = 0, distribution: str = "gaussian", two_sided: bool = False,
+                   progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The estimator exactly as `HybridStep` forms it: all ZO units of a plan perturbed at once, each tower
+    with its own epsilon, ONE loss difference, and c_m = diff / eps_m for tower m.
+
+    Per (eps_vision, eps_language) and tower: the statistics of c_m z_m against that tower's gradient.
+    With both towers ZO the difference mixes eps_v <g_v, z_v> + eps_l <g_l, z_l>, so the ratio of the
+    epsilons decides how much of each tower's estimate is the other tower's noise; this measures it.
+    """
+    from mozo.diagnostics.stats import DirectionSet, _flat, eps_row
+    from mozo.zo.directions import direction, modality_seed
+    from mozo.zo.plan import plan_for_model
+
+    plan = plan_for_model(plan_text, model)
+    zo_units = {m: [u for u in model.unit_list() if u.info.modality == m and plan.mode(m, u.info.layer) == "zo"] for m in MODALITIES}
+    towers = [m for m in MODALITIES if zo_units[m]]
+    if not towers:
+        raise ValueError(f"plan {plan_text!r} has no zeroth-order unit")
+    params = {m: [p for u in zo_units[m] for p in u.parameters()] for m in towers}
+    noise_seed = mix_seed(seed, 17)
+    with torch.enable_grad():
+        loss_autograd, grads = true_gradients(model, batch, noise_seed)
+    model.train()
+    inputs = {"vision": {"pixel_values": batch.pixel_values}, "language": batch.text_inputs}
+    model.noise.seed = noise_seed
+    feats, cache = {}, {}
+    for m in MODALITIES:
+        start = min(u.info.layer for u in zo_units[m]) - 1 if m in towers else None
+        feats[m], cache[m] = model.encode(m, inputs[m], capture_at=start)
+    model.noise.seed = None
+
+    def closure() -> float:
+        model.noise.seed = noise_seed
+        try:
+            f = dict(feats)
+            for m in towers:
+                f[m] = model.encode(m, start=cache[m])[0]
+            return float(F.cross_entropy(model.logits(f["vision"], f["language"]).float(), batch.labels))
+        finally:
+            model.noise.seed = None
+
+    saved = {m: [p.detach().clone() for p in params[m]] for m in towers}
+
+    def restore() -> None:
+        for m in towers:
+            for p, s in zip(params[m], saved[m]):
+                p.copy_(s)
+
+    dseeds = [mix_seed(seed, 99, d) for d in range(directions)]
+
+    def dirs(m: str, d: int) -> list[torch.Tensor]:
+        s = modality_seed(dseeds[d], m)  # as HybridStep: one seed per direction, one stream per tower
+        return [direction(p, s, i, distribution) for i, p in enumerate(params[m])]
+
+    sets = {m: DirectionSet([_flat(dirs(m, d)) for d in range(directions)], _flat([grads[id(p)] for p in params[m]])) for m in towers}
+    loss0 = closure()
+    pairs = []
+    try:
+        for ev in eps_vision:
+            for el in eps_language:
+                eps = {"vision": ev, "language": el}
+                if progress:
+                    progress(f"eps_vision {ev:g} eps_language {el:g}")
+                plus, minus = [], []
+                for d in range(directions):
+                    for sign, out in ((1.0, plus), (-1.0, minus)) if two_sided else ((1.0, plus),):
+                        for m in towers:
+                            for p, z in zip(params[m], dirs(m, d)):
+                                p.add_(z, alpha=sign * eps[m])
+                        out.append(closure())
+                        restore()
+                plus_t = torch.tensor(plus, dtype=torch.float64)
+                diff = plus_t - torch.tensor(minus, dtype=torch.float64) if two_sided else plus_t - loss0
+                entry = {"eps_vision": ev, "eps_language": el}
+                for m in towers:
+                    c = diff / ((2.0 if two_sided else 1.0) * eps[m])
+                    entry[m] = eps_row(eps[m], c, plus_t - loss0, sets[m], q, distribution)
+                pairs.append(entry)
+    finally:
+        restore()
+    return {
+        "plan": plan_text, "loss_autograd": loss_autograd, "loss": loss0,
+        "towers": {m: {"units": [u.info.name for u in zo_units[m]], "params": sets[m].z.shape[1],
+                       "grad_norm": math.sqrt(sets[m].grad_sq)} for m in towers},
+        "pairs": pairs,
+    }

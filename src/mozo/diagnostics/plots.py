@@ -32,7 +32,10 @@ def plot_variance_per_layer(report: dict, path: str | Path, ref_eps: float | Non
         if nv:
             ax2.plot([a for a, _ in nv], [b for _, b in nv], "o-", color=COLOURS[m], label=m)
         ax2.plot(layers, [r["ideal_normalized_variance"] for r in rows], "--", color=COLOURS[m], alpha=0.6, label=f"{m}: exact-derivative value")
+    from matplotlib.ticker import MaxNLocator
+
     for ax, title in ((ax1, "variance  mean ||g_d - mean g||^2"), (ax2, "normalised variance / ||grad||^2")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize=10)
@@ -57,7 +60,7 @@ def plot_cosine_vs_q(report: dict, path: str | Path, ref_eps: float | None = Non
         rows = [r for r in report["rows"] if r["modality"] == m]
         ideal = [(q, sum(r["by_eps"][i]["cosine"][str(q)]["ideal"] or 0 for r in rows) / len(rows)) for q in qs]
         if report["estimator"]["distribution"] == "gaussian":
-            ax.plot([a for a, _ in ideal], [b for _, b in ideal], "--", color=COLOURS[m], alpha=0.6, label=f"{m}: sqrt(q/(q+P+1))")
+            ax.plot([a for a, _ in ideal], [b for _, b in ideal], "--", color=COLOURS[m], alpha=0.6, label=f"{m}: exact-derivative value")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("q (directions averaged)")
     ax.set_ylabel("cosine with autograd gradient")

@@ -18,11 +18,18 @@ Per epsilon, with one-sided c_d = (L(theta + eps z_d) - L(theta)) / eps (two-sid
                         (Rademacher): the variance grows with the block size P, whatever the model.
 - `cosine[q]`           the N directions cut into consecutive groups of q (repeats = N // q; a
                         leftover shorter than q is unused); per group the q-average of g_d, its cosine
-                        with g; mean and standard deviation over the groups. None when g = 0 or an
-                        estimate is exactly 0 (cosine undefined). `cosine_ideal` = sqrt(q / (q + P + 1)),
-                        the approximate expected cosine of an exact Gaussian estimator, for reference.
+                        with g; mean and standard deviation over the groups. None when g = 0 (cosine
+                        undefined); a group whose estimate is exactly 0 (all its loss differences
+                        rounded to 0) has no cosine either: it is left out and counted in
+                        `zero_estimates` (None if every group is). `ideal` = the approximate expected
+                        cosine of an exact Gaussian estimator, E sqrt(chi2_q) / sqrt(q + P - 1)
+                        (see `ideal_cosine`), for reference.
+- `sign_cosine[q]`      mean over the same groups of cos(sign(q-average of g_d), g): the direction of
+                        the element-wise sign update (rule `sign` / `mozo`) against the gradient
 - `sign_agreement`      fraction of directions with sign(c_d) = sign(<g, z_d>): with q = 1 the sign rule
                         (MoZO) moves along -sign(c_d) sign(z_d), so this is what epsilon decides there.
+- `coefs`               the N coefficients c_d themselves (with the block's `directional_derivatives`
+                        <g, z_d>, every statistic above can be recomputed from the JSON)
 - `loss_diff`           mean |L(theta + eps z_d) - L(theta)|, its first-order prediction
                         eps * mean |<g, z_d>|, `fd_rel_error` = mean |c_d - <g, z_d>| / mean |<g, z_d>|
                         (0 for an exact derivative; large at tiny eps where fp32 rounding of the loss
@@ -62,16 +69,26 @@ def ideal_normalized_variance(num_params: int, distribution: str) -> float:
 
 
 def ideal_cosine(num_params: int, q: int) -> float:
-    """Approximate expected cosine of the q-average of exact Gaussian estimates: sqrt(q / (q + P + 1))."""
-    return math.sqrt(q / (q + num_params + 1))
+    """Approximate expected cosine of the q-average of exact Gaussian estimates with the gradient.
+
+    The q-average's component along g is ~ chi2_q / q, its orthogonal part has squared norm
+    ~ (P - 1) chi2_q / q^2, so cos ~ sqrt(chi2_q / (chi2_q + P - 1)) and, averaging over chi2_q,
+    E cos ~ E[sqrt(chi2_q)] / sqrt(q + P - 1) = sqrt(2) Gamma((q+1)/2) / Gamma(q/2) / sqrt(q + P - 1).
+    For q = 1 that is sqrt(2 / (pi P)); for q >> 1 it tends to sqrt(q / (q + P)).
+    """
+    mean_chi = math.sqrt(2.0) * math.exp(math.lgamma((q + 1) / 2) - math.lgamma(q / 2))
+    return mean_chi / math.sqrt(q + max(num_params, 1) - 1)
 
 
-def _gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """G[d, e] = <z_d, z_e> in float64."""
-    if not vectors:
-        return torch.zeros(0, 0, dtype=torch.float64)
-    z = torch.stack(vectors)
-    return z @ z.T
+class DirectionSet:
+    """The N flattened directions of a block (float64 rows), their Gram matrix and <g, z_d>."""
+
+    def __init__(self, vectors: list[torch.Tensor], grad: torch.Tensor):
+        self.z = torch.stack(vectors) if vectors else torch.zeros(0, grad.numel(), dtype=torch.float64)
+        self.gram = self.z @ self.z.T
+        self.g = grad
+        self.gz = self.z @ grad
+        self.grad_sq = float(grad @ grad)
 
 
 @torch.no_grad()
@@ -100,9 +117,7 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
             p.copy_(s)
 
     loss0 = float(loss_fn())
-    zs = [_flat(block_directions(params, seed, d, distribution)) for d in range(directions)]
-    gram = _gram(zs)
-    gz = torch.stack([z @ g for z in zs]) if zs else torch.zeros(0, dtype=torch.float64)
+    ds = DirectionSet([_flat(block_directions(params, seed, d, distribution)) for d in range(directions)], g)
 
     by_eps = []
     try:
@@ -124,7 +139,7 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
                 c = (plus_t - torch.tensor(minus, dtype=torch.float64)) / (2 * e)
             else:
                 c = (plus_t - loss0) / e
-            by_eps.append(_eps_row(e, c, plus_t - loss0, gram, gz, grad_sq, num_params, q, distribution))
+            by_eps.append(eps_row(e, c, plus_t - loss0, ds, q, distribution))
     finally:
         restore()
     return {
@@ -132,35 +147,40 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
         "grad_norm": grad_norm,
         "loss": loss0,
         "ideal_normalized_variance": ideal_normalized_variance(num_params, distribution),
+        "directional_derivatives": [float(x) for x in ds.gz],
         "by_eps": by_eps,
     }
 
 
-def _eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, gram: torch.Tensor, gz: torch.Tensor, grad_sq: float,
-             num_params: int, qs: Sequence[int], distribution: str) -> dict:
+def eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, ds: DirectionSet, qs: Sequence[int], distribution: str) -> dict:
+    """Every statistic of one epsilon from the coefficients c_d (float64) and the loss differences."""
+    gram, gz, grad_sq, num_params = ds.gram, ds.gz, ds.grad_sq, ds.z.shape[1]
     n = len(c)
     sq_norms = c * c * torch.diagonal(gram)
     mean_sq = float(sq_norms.mean())
     gbar_sq = float(c @ gram @ c) / (n * n)
     variance = max(mean_sq - gbar_sq, 0.0)
     about_true = max(mean_sq - 2.0 * float((c * gz).mean()) + grad_sq, 0.0)
-    cosine = {}
+    cosine, sign_cosine = {}, {}
     for q in qs:
         reps = n // q
         vals: list[float] = []
-        undefined = grad_sq == 0.0 or reps == 0
-        for r in range(reps if not undefined else 0):
+        svals: list[float] = []
+        zero_estimates = 0
+        for r in range(reps if grad_sq > 0.0 else 0):
             sl = slice(r * q, (r + 1) * q)
             cr = c[sl]
-            dot = float(cr @ gz[sl]) / q
             est_sq = float(cr @ gram[sl, sl] @ cr) / (q * q)
-            if est_sq <= 0.0:
-                undefined = True
-                break
-            vals.append(dot / math.sqrt(est_sq * grad_sq))
-        mean = None if undefined else sum(vals) / len(vals)
-        std = None if undefined else math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-        cosine[str(q)] = {"mean": mean, "std": std, "repeats": reps,
+            if est_sq <= 0.0:  # every loss difference of the group was exactly 0: no direction, no cosine
+                zero_estimates += 1
+                continue
+            vals.append(float(cr @ gz[sl]) / q / math.sqrt(est_sq * grad_sq))
+            sgn = torch.sign(cr @ ds.z[sl])
+            svals.append(float(sgn @ ds.g) / math.sqrt(float(sgn.abs().sum()) * grad_sq))
+        sign_cosine[str(q)] = sum(svals) / len(svals) if svals else None
+        mean = sum(vals) / len(vals) if vals else None
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else None
+        cosine[str(q)] = {"mean": mean, "std": std, "repeats": reps, "zero_estimates": zero_estimates,
                           "ideal": ideal_cosine(num_params, q) if distribution == "gaussian" else None}
     abs_gz = gz.abs()
     first_order = float(abs_gz.mean()) * e
@@ -175,6 +195,7 @@ def _eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, gram: torch.Tensor, 
         "normalized_variance": variance / grad_sq if grad_sq > 0 else None,
         "variance_about_true": about_true,
         "cosine": cosine,
+        "sign_cosine": sign_cosine,
         "sign_agreement": agree,
         "loss_diff": {
             "mean_abs": float(diff.abs().mean()),
@@ -183,4 +204,5 @@ def _eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, gram: torch.Tensor, 
             "zero_fraction": float((diff == 0).double().mean()),
         },
         "coef_mean_abs": float(c.abs().mean()),
+        "coefs": [float(x) for x in c],
     }
