@@ -26,7 +26,6 @@ def scenario():
 
 @pytest.fixture(scope="module")
 def shipped():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     return load_backbone("mozo-tiny")
 
 
