@@ -55,22 +55,19 @@ class DistContext:
         if self.active:
             self.bytes_communicated += n
 
-    def reduce_mean(self, t: torch.Tensor, kind: str = "scalars") -> torch.Tensor:
-        """Average a tensor over ranks (identity on one process)."""
-        self._count(kind, t)
-        if not self.active:
-            return t
-        out = t.detach().clone().to(self.comm_device)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return (out / self.world_size).to(t.device)
-
     def reduce_sum(self, t: torch.Tensor, kind: str = "eval") -> torch.Tensor:
+        """Sum a tensor over ranks (identity on one process)."""
         self._count(kind, t)
         if not self.active:
             return t
         out = t.detach().clone().to(self.comm_device)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(t.device)
+
+    def reduce_mean(self, t: torch.Tensor, kind: str = "scalars") -> torch.Tensor:
+        """Average a tensor over ranks (identity on one process)."""
+        total = self.reduce_sum(t, kind)
+        return total / self.world_size if self.active else total
 
     def reduce_grads(self, grads: list[torch.Tensor]) -> None:
         """Average FO gradients in one flat all-reduce (what DDP's buckets do, in one bucket).
