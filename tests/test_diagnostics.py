@@ -251,3 +251,18 @@ def test_joint_estimate_is_the_training_steps_estimate():
                 p.data.copy_(v)
         for m in params:
             assert pair[m]["coefs"][d] == pytest.approx(diff / eps[m], rel=1e-3, abs=1e-4)
+
+
+def test_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch):
+    import mozo.diagnostics.sweep as sw
+
+    def fake_run(preset, overrides, out, data_root, cache):
+        if "zo.lr=0.1" in overrides:
+            raise FloatingPointError("non-finite loss")
+        return {"summary": {"last": 50.0, "avg": 60.0}}
+
+    monkeypatch.setattr(sw, "run_setting", fake_run)
+    res = sw.sweep("demo", [1e-3], [1e-3], [1e-3, 0.1], "dual-zo", [0, 1], out_dir=tmp_path, log=lambda s: None)
+    ok, bad = res["settings"]
+    assert ok["avg"] == 60.0 and ok["avg_std"] == 0.0 and bad["avg"] is None and len(bad["failed"]) == 2
+    assert res["best"]["lr"] == 1e-3 and "failed: FloatingPointError" in sw.format_table(res)

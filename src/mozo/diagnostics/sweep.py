@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", help="preset name or YAML file (default demo: backbone mozo-tiny, protocol demo)")
     p.add_argument("--eps-vision", type=_floats, default=[1e-4, 5e-4, 1e-3])
     p.add_argument("--eps-language", type=_floats, default=[5e-4, 1e-3, 2e-3])
-    p.add_argument("--lr", type=_floats, default=[1e-4, 3e-4], help="zo.lr values (the sign rule moves every parameter by lr per step)")
+    p.add_argument("--lr", type=_floats, default=[1e-4, 3e-4, 1e-3], help="zo.lr values (the sign rule moves every parameter by lr per step)")
     p.add_argument("--plan", default="dual:hop-odd", help="plan of every run (default dual:hop-odd: both towers hold ZO units)")
     p.add_argument("--max-steps-per-task", type=int, default=None)
     p.add_argument("--seeds", type=_ints_or_zero, default=[0], help="comma-separated seeds; Last/Avg are averaged over them")
@@ -108,19 +108,27 @@ def sweep(preset: str, eps_vision, eps_language, lrs, plan: str, seeds: Sequence
     t_start = time.perf_counter()
     settings = grid(eps_vision, eps_language, lrs)
     for i, (ev, el, lr) in enumerate(settings):
-        per_seed = []
+        per_seed, errors = [], []
         for seed in seeds:
             t0 = time.perf_counter()
-            res = run_setting(preset, common + [f"zo.eps_vision={ev}", f"zo.eps_language={el}", f"zo.lr={lr}", f"seed={seed}"],
-                              out_dir / setting_name(ev, el, lr, seed, plan), data_root, cache)
+            try:
+                res = run_setting(preset, common + [f"zo.eps_vision={ev}", f"zo.eps_language={el}", f"zo.lr={lr}", f"seed={seed}"],
+                                  out_dir / setting_name(ev, el, lr, seed, plan), data_root, cache)
+            except (FloatingPointError, RuntimeError) as exc:  # e.g. a non-finite loss at a large lr: record, go on
+                errors.append({"seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             per_seed.append({"seed": seed, "last": res["summary"]["last"], "avg": res["summary"]["avg"],
                              "wall_s": time.perf_counter() - t0, "reused": bool(res.get("_reused"))})
-        last, last_sd = _agg([s["last"] for s in per_seed])
-        avg, avg_sd = _agg([s["avg"] for s in per_seed])
-        rows.append({"eps_vision": ev, "eps_language": el, "lr": lr, "last": last, "last_std": last_sd, "avg": avg,
-                     "avg_std": avg_sd, "seeds": per_seed})
-        log(f"[{i + 1}/{len(settings)}] eps_v={ev:g} eps_l={el:g} lr={lr:g}: Last {last:.2f} Avg {avg:.2f} "
-            f"({time.perf_counter() - t_start:.0f}s)")
+        row = {"eps_vision": ev, "eps_language": el, "lr": lr, "last": None, "last_std": None, "avg": None,
+               "avg_std": None, "seeds": per_seed, "failed": errors}
+        if per_seed:
+            row["last"], row["last_std"] = _agg([s["last"] for s in per_seed])
+            row["avg"], row["avg_std"] = _agg([s["avg"] for s in per_seed])
+        rows.append(row)
+        summary = f"Last {row['last']:.2f} Avg {row['avg']:.2f}" if per_seed else "failed"
+        log(f"[{i + 1}/{len(settings)}] eps_v={ev:g} eps_l={el:g} lr={lr:g}: {summary}"
+            + (f" ({len(errors)} seed(s) failed: {errors[0]['error'][:80]})" if errors else "")
+            + f" ({time.perf_counter() - t_start:.0f}s)")
     if with_fo:
         per_seed = []
         fo_common = [c for c in common if not c.startswith("plan=")] + ["plan=fo"]
@@ -130,10 +138,10 @@ def sweep(preset: str, eps_vision, eps_language, lrs, plan: str, seeds: Sequence
         last, last_sd = _agg([s["last"] for s in per_seed])
         avg, avg_sd = _agg([s["avg"] for s in per_seed])
         anchors.append({"plan": "fo", "last": last, "last_std": last_sd, "avg": avg, "avg_std": avg_sd, "seeds": per_seed})
-    rows.sort(key=lambda r: (-r["avg"], -r["last"]))
+    rows.sort(key=lambda r: (r["avg"] is None, -(r["avg"] or 0.0), -(r["last"] or 0.0)))
     return {"preset": preset, "plan": plan, "rule": "mozo", "seeds": list(seeds), "overrides": common,
             "grid": {"eps_vision": list(eps_vision), "eps_language": list(eps_language), "lr": list(lrs)},
-            "settings": rows, "anchors": anchors, "best": rows[0] if rows else None,
+            "settings": rows, "anchors": anchors, "best": rows[0] if rows and rows[0]["avg"] is not None else None,
             "wall_time_s": time.perf_counter() - t_start}
 
 
@@ -141,8 +149,12 @@ def format_table(result: dict) -> str:
     lines = [f"MoZO sweep: preset {result['preset']}, plan {result['plan']}, seeds {result['seeds']} (best Avg first)",
              f"{'eps_vision':>11}{'eps_language':>14}{'zo.lr':>9}{'Last':>14}{'Avg':>14}"]
     for r in result["settings"]:
-        lines.append(f"{r['eps_vision']:>11g}{r['eps_language']:>14g}{r['lr']:>9g}"
-                     f"{r['last']:>8.2f} ±{r['last_std']:<4.2f}{r['avg']:>8.2f} ±{r['avg_std']:<4.2f}")
+        head = f"{r['eps_vision']:>11g}{r['eps_language']:>14g}{r['lr']:>9g}"
+        if r["avg"] is None:
+            lines.append(head + "   failed: " + r["failed"][0]["error"][:60])
+            continue
+        lines.append(head + f"{r['last']:>8.2f} ±{r['last_std']:<4.2f}{r['avg']:>8.2f} ±{r['avg_std']:<4.2f}"
+                     + (f"  ({len(r['failed'])} seed(s) failed)" if r["failed"] else ""))
     for a in result["anchors"]:
         lines.append(f"{'plan ' + a['plan']:>34}{a['last']:>8.2f} ±{a['last_std']:<4.2f}{a['avg']:>8.2f} ±{a['avg_std']:<4.2f}")
     return "\n".join(lines)
