@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mozo.backbone.activations import run_mlp
+
 MODALITIES = ("vision", "language")
 
 # A parallel unit maps the block input x (B, T, D) to a residual added after the MLP.
@@ -38,7 +40,7 @@ def run_block(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], p
     """One CLIP residual block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) [+ unit(x)]."""
     attn_out = layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask)[0]
     h = h + attn_out
-    out = h + layer.mlp(layer.layer_norm2(h))
+    out = h + run_mlp(layer.mlp, layer.layer_norm2(h))
     if parallel is not None:
         out = out + parallel(h)
     return out
