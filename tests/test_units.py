@@ -149,9 +149,9 @@ def test_experts_draw_independent_dropout_masks():
     unit, noise = make_moe(experts=2, top_k=2, dropout=0.5)
     with torch.no_grad():  # two identical experts: only their dropout masks can tell them apart
         unit.experts[1].load_state_dict(unit.experts[0].state_dict())
-    inputs = []
-    for e in unit.experts:
-        e.up.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+    inputs = []  # what each expert's up-projection reads: relu(down(x)) after its dropout
+    dropout = unit.dropout
+    unit.dropout = lambda h, p, stream: inputs.append(dropout(h, p, stream=stream).detach()) or inputs[-1]
     unit.train()
     noise.seed = 3
     unit(torch.randn(2, 4, 16))

@@ -57,6 +57,9 @@ class MoEAdapter(PeftUnit):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             # stream 0 is the router noise; each expert draws its own dropout mask.
-            y = expert.up(self.dropout(F.relu(expert.down(x)), self.p, stream=e + 1)) * expert.scale
-            out = out + g[:, e, None, None] * y
+            a = self.dropout(F.relu(expert.down(x)), self.p, stream=e + 1)
+            # g * scale * up(a), with the gate applied on the rank-r side: g * (W a + b) = W (g a) + g b. The
+            # gate's backward then keeps rank-r tensors instead of a full-width expert output per expert.
+            w = g[:, e, None, None] * expert.scale
+            out = out + F.linear(a * w, expert.up.weight) + w * expert.up.bias
         return out
