@@ -120,3 +120,28 @@ def test_encode_from_prefix_cache_equals_full_forward(make_model):
             resumed, _ = model.encode(modality, start=cached)
             assert torch.equal(full, feats)
             torch.testing.assert_close(resumed, full, rtol=0, atol=1e-6)
+
+
+def test_prompts_padded_to_the_longest_give_the_same_features(make_model):
+    from conftest import randomize_units
+
+    model = make_model(kind="moe")
+    randomize_units(model, std=0.1)
+    model.eval()
+    prompts = PROMPTS + ["a bad photo of the big dark blue square with stripes"]
+    full = model.backbone.tokenize(prompts)
+    short = model.backbone.tokenize(prompts, padding="longest")
+    assert full["input_ids"].shape[1] == model.backbone.context_length
+    assert short["input_ids"].shape[1] == int(full["attention_mask"].sum(1).max()) < full["input_ids"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_texts(short), model.encode_texts(full), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt padding 'shortest'"):
+        model.backbone.tokenize(prompts, padding="shortest")
+
+
+def test_run_config_rejects_an_unknown_prompt_padding():
+    from mozo.engine.config import ConfigError, load_config
+
+    assert load_config("demo", ["data.prompt_padding=longest"]).data.prompt_padding == "longest"
+    with pytest.raises(ConfigError, match="data.prompt_padding must be one of max_length, longest"):
+        load_config("demo", ["data.prompt_padding=short"])

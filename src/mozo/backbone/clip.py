@@ -33,6 +33,9 @@ BASE_WORDS = (
 ).split()
 
 
+PROMPT_PADDINGS = ("max_length", "longest")
+
+
 @dataclass
 class Backbone:
     """A frozen CLIPModel with what it needs to read images and prompts."""
@@ -48,9 +51,23 @@ class Backbone:
     def tower(self, modality: str) -> Tower:
         return Tower(self.model, modality)
 
-    def tokenize(self, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def tokenize(self, prompts: list[str], device: torch.device | str = "cpu", padding: str = "max_length") -> dict[str, torch.Tensor]:
+        """Token ids and padding mask, (len(prompts), T).
+
+        padding="max_length": every prompt padded to the context length (77 for CLIP), as the reference
+        code's `clip.tokenize` does. padding="longest": cut at the longest prompt. The text tower is
+        causal and pools at EOS (the MoE router reads the first token), so no feature depends on the
+        padding after EOS: the features are the same, for several times less text-tower work and memory
+        with short class prompts (docs/benchmarks.md, optimisation 5).
+        """
+        if padding not in PROMPT_PADDINGS:
+            raise ValueError(f"prompt padding {padding!r}: expected one of {PROMPT_PADDINGS}")
         enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if padding == "longest":
+            length = int(mask.sum(1).max())
+            ids, mask = ids[:, :length], mask[:, :length]
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def builtin_tokenizer_dir() -> Path:

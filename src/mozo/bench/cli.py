@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--towers", default="vision,language", help="towers that get PEFT units (default vision,language)")
     parser.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--classes", type=int, default=10, help="class prompts encoded per step (default 10)")
+    parser.add_argument("--prompt-padding", default="max_length", choices=("max_length", "longest"),
+                        help="pad prompts to the 77-token context as the reference does (default), or to the longest prompt (same features)")
     parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma-separated plans (grammar of `mozo run`; default {DEFAULT_PLANS}); an `inference` row is always added")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the rows (a JSON list) here")
     parser.add_argument("--plot", metavar="PNG", help="also draw a bar chart of memory per plan")
@@ -178,7 +180,8 @@ def format_table(rows: list[dict]) -> str:
 def describe(spec: BenchSpec, rows: list[dict]) -> str:
     first = rows[0] if rows else {}
     model_mib = first.get("model_param_bytes", 0) / MiB
-    return (f"backbone {spec.backbone}, peft {spec.peft} on {'+'.join(spec.towers)}, batch {spec.batch}, {spec.classes} class prompts, "
+    return (f"backbone {spec.backbone}, peft {spec.peft} on {'+'.join(spec.towers)}, batch {spec.batch}, {spec.classes} class prompts "
+            f"({'padded to the longest' if spec.prompt_padding == 'longest' else 'padded to the context length'}), "
             f"device {spec.device}, {first.get('threads', '?')} thread(s), torch {first.get('torch', '?')}, "
             f"ZO rule {spec.zo_rule} q={spec.q} {'two' if spec.two_sided else 'one'}-sided"
             f"{' (FO gradient at theta+eps z)' if spec.fo_at_perturbed else ''}, "
@@ -206,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     if not towers or set(towers) - {"vision", "language"}:
         print(f"mozo bench: error: --towers takes vision, language or both, got {args.towers!r}", file=sys.stderr)
         return 2
-    spec = BenchSpec(backbone=args.backbone, peft=args.peft, towers=towers, batch=args.batch, classes=args.classes, steps=args.steps,
+    spec = BenchSpec(backbone=args.backbone, peft=args.peft, towers=towers, batch=args.batch, classes=args.classes, prompt_padding=args.prompt_padding, steps=args.steps,
                      warmup=args.warmup, device=args.device or _default_device(), seed=args.seed, precision=args.precision,
                      zo_rule=args.rule, q=args.q, two_sided=args.two_sided,
                      fo_at_perturbed=args.fo_at_perturbed, threads=args.threads)

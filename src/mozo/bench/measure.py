@@ -45,6 +45,7 @@ class BenchSpec:
     towers: tuple = ("vision", "language")  # towers that get PEFT units
     batch: int = 4
     classes: int = 10
+    prompt_padding: str = "max_length"  # max_length (77 tokens) | longest
     steps: int = 3
     warmup: int = 1
     device: str = "cpu"
@@ -59,7 +60,7 @@ class BenchSpec:
 
 
 def class_prompts(n: int) -> list[str]:
-    """`n` distinct prompts (all padded to the context length, so their words do not change the cost)."""
+    """`n` distinct prompts (at the default padding every prompt has the context length, so their words do not change the cost)."""
     words = list(BASE_WORDS)
     names = [words[i % len(words)] + ("" if i < len(words) else f" {i // len(words)}") for i in range(n)]
     return [PROMPT.format(w) for w in names]
@@ -101,7 +102,7 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
     size = backbone.image_size
     pixels = torch.randn(spec.batch, 3, size, size, generator=gen).to(device)
     labels = (torch.arange(spec.batch) % spec.classes).to(device)
-    text = backbone.tokenize(class_prompts(spec.classes), device=device)
+    text = backbone.tokenize(class_prompts(spec.classes), device=device, padding=spec.prompt_padding)
 
     step = None
     if plan_text == INFERENCE:

@@ -43,17 +43,6 @@ class Batch:
 
 
 # ----------------------------------------------------------------------------------------- batches
-def trim_padding(tokens: dict) -> dict:
-    """Drop the padding columns after the longest prompt. Exact for CLIP's causal text tower (no
-    position attends to a later one; pooling reads EOS, the router the first token) and several
-    times cheaper than the 77-token context for short class prompts."""
-    mask = tokens.get("attention_mask")
-    if mask is None:
-        return tokens
-    length = int(mask.sum(1).max())
-    return {k: v[:, :length] for k, v in tokens.items()}
-
-
 def demo_available() -> bool:
     try:
         from mozo.demo.stream import build_demo_scenario  # noqa: F401
@@ -74,7 +63,7 @@ def demo_batches(backbone, batch_size: int, count: int, seed: int = 0, template:
     ds = TransformedDataset(task.train, tf, seed=seed, label_map={lab: lab - task.label_offset for lab in set(task.train.labels.tolist())})
     order = np.random.default_rng(seed).permutation(len(ds))
     prompts = [template.format(c) for c in task.classnames]
-    tokens = trim_padding(backbone.tokenize(prompts, device))
+    tokens = backbone.tokenize(prompts, device, padding="longest")
     out = []
     for b in range(count):
         idx = [int(order[(b * batch_size + i) % len(ds)]) for i in range(batch_size)]
@@ -92,7 +81,7 @@ def random_batches(backbone, batch_size: int, count: int, seed: int = 0, templat
     """Gaussian-noise images with random labels over 5 fixed prompts: structure-free data."""
     g = torch.Generator().manual_seed(seed)
     prompts = [template.format(c) for c in RANDOM_PROMPTS]
-    tokens = trim_padding(backbone.tokenize(prompts, device))
+    tokens = backbone.tokenize(prompts, device, padding="longest")
     s = backbone.image_size
     return [Batch(torch.randn(batch_size, 3, s, s, generator=g).to(device),
                   torch.randint(0, len(prompts), (batch_size,), generator=g).to(device), tokens, prompts, "random",

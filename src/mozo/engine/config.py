@@ -16,7 +16,7 @@ from typing import Any, Optional, get_type_hints
 
 import yaml
 
-from mozo.backbone.clip import DEFAULT_BACKBONE
+from mozo.backbone.clip import DEFAULT_BACKBONE, PROMPT_PADDINGS
 from mozo.peft.inject import PeftConfig
 from mozo.zo.config import ZOConfig
 
@@ -27,6 +27,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DataConfig:
     protocol: str = "cifar100-10-10"  # a CIL protocol preset, mtcl-order1/2[-5shot], cil (custom split), or demo
     template: str = "a bad photo of a {}."
+    prompt_padding: str = "max_length"  # max_length (77 tokens, as the reference) | longest (same features, cheaper)
     few_shot: Optional[int] = None  # k training images per class
     num_workers: int = 0
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
@@ -180,6 +181,8 @@ def _revalidate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.train.schedule not in ("cosine", "constant"):
         raise ConfigError(f"train.schedule must be cosine or constant, got {cfg.train.schedule!r}")
+    if cfg.data.prompt_padding not in PROMPT_PADDINGS:
+        raise ConfigError(f"data.prompt_padding must be one of {', '.join(PROMPT_PADDINGS)}, got {cfg.data.prompt_padding!r}")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.train.batch_size}")
     return cfg

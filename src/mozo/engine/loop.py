@@ -153,7 +153,7 @@ class Runner:
         prompts = [self.cfg.data.template.format(c) for c in classnames]
         feats = []
         for i in range(0, len(prompts), 256):
-            feats.append(self.model.encode_texts(self.backbone.tokenize(prompts[i:i + 256], self.device)))
+            feats.append(self.model.encode_texts(self.backbone.tokenize(prompts[i:i + 256], self.device, self.cfg.data.prompt_padding)))
         return torch.cat(feats)
 
     def _eval_transform(self):
@@ -216,7 +216,7 @@ class Runner:
         total = per_epoch * cfg.train.epochs
         if cfg.train.max_steps_per_task is not None:
             total = min(total, cfg.train.max_steps_per_task)
-        text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device)
+        text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device, cfg.data.prompt_padding)
         step = self.make_step(t)
         bar = tqdm(total=total, initial=self.state["epoch"] * per_epoch + self.state["batch"], desc=f"task {t + 1}/{self._n_tasks} {task.name} [{cfg.plan}]", disable=not self.progress)
         while self.state["epoch"] < cfg.train.epochs:

@@ -1,0 +1,105 @@
+"""Memory-lean forms of CLIP's MLP activation and of the MoE gate: same values and gradients, fewer saved bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.activations import QuickGELUActivation
+
+from mozo.backbone import towers
+from mozo.backbone.activations import quick_gelu, run_mlp
+from test_units import make_moe
+
+
+def saved_tensors(fn, *args):
+    """Run fn(*args) and return the non-parameter tensors autograd kept (unique storages)."""
+    kept, seen = [], set()
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, kept
+
+
+def test_quick_gelu_forward_is_bitwise_transformers_and_gradient_matches():
+    x = torch.randn(3, 7, 40) * 4
+    assert torch.equal(quick_gelu(x), QuickGELUActivation()(x))
+    x64 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True) * 3
+    assert torch.autograd.gradcheck(quick_gelu, (x64.detach().requires_grad_(),))
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    quick_gelu(a).backward(g)
+    QuickGELUActivation()(b).backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_mlp_keeps_one_hidden_tensor_where_transformers_keeps_two(tiny_backbone):
+    mlp = tiny_backbone.model.vision_model.encoder.layers[0].mlp
+    x = torch.randn(2, 5, mlp.fc1.in_features, requires_grad=True)
+    hidden = mlp.fc1.out_features
+    ref, ref_kept = saved_tensors(mlp, x)
+    out, kept = saved_tensors(run_mlp, mlp, x)
+    assert torch.equal(out, ref)
+    activations = lambda ts: sum(tuple(t.shape) == (*x.shape[:-1], hidden) for t in ts)
+    assert activations(ref_kept) == 2
+    assert activations(kept) == 1
+    with torch.no_grad():  # nothing recorded: the model's own module runs
+        assert torch.equal(run_mlp(mlp, x), ref)
+
+
+def test_tower_gradients_equal_the_transformers_mlp(make_model, monkeypatch):
+    from conftest import PROMPTS, randomize_units
+
+    model = make_model(kind="moe", dropout=0.0)
+    randomize_units(model)
+    model.eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    text = model.backbone.tokenize(PROMPTS)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        for p in model.units.parameters():
+            p.requires_grad_(True)
+        loss = model.logits(model.encode_images(pixels), model.encode_texts(text)).logsumexp(-1).sum()
+        loss.backward()
+        return [p.grad.clone() for p in model.units.parameters() if p.grad is not None]  # w_noise: unused in eval
+
+    lean = grads()
+    monkeypatch.setattr(towers, "run_mlp", lambda mlp, x: mlp(x))
+    plain = grads()
+    assert len(lean) == len(plain) and all(g.abs().sum() > 0 for g in lean)
+    for a, b in zip(lean, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_moe_gate_on_the_bottleneck_matches_the_reference_and_saves_no_expert_output():
+    unit, _ = make_moe(width=16, experts=3, top_k=2, rank=4)
+    unit.eval()
+    x = torch.randn(4, 6, 16, requires_grad=True)
+    out, kept = saved_tensors(unit, x)
+
+    def reference(x):  # the reference code's form: gates times each expert's full-width output
+        g = unit.gates(x[:, 0, :])
+        ys = [e.up(F.relu(e.down(x))) * e.scale for e in unit.experts]
+        return sum(g[:, i, None, None] * y for i, y in enumerate(ys))
+
+    want, ref_kept = saved_tensors(reference, x)
+    torch.testing.assert_close(out, want)
+    full_width = lambda ts: [t for t in ts if t.shape[-2:] == x.shape[-2:] and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+    assert len(full_width(ref_kept)) == 3  # one expert output per expert
+    assert full_width(kept) == []
+    g = torch.randn_like(out)
+    params = [x] + list(unit.parameters())
+    got = torch.autograd.grad(unit(x), params, g, allow_unused=True)
+    ref = torch.autograd.grad(reference(x), params, g, allow_unused=True)
+    for a, b in zip(got, ref):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
