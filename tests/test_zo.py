@@ -247,3 +247,35 @@ def test_step_coefficient_is_the_autograd_directional_derivative(make_model, bat
     assert abs(want) > 5e-2
     assert record.coefs["vision"][0] == pytest.approx(want, rel=5e-2)
     assert record.coefs["language"][0] == record.coefs["vision"][0]
+
+
+def test_per_tower_coefficients_are_each_towers_own_directional_derivative(make_model, batch):
+    """zo.per_tower: each tower's coefficient carries its own directional derivative only (the joint
+    estimate above gives both towers the sum), for the same tower forwards as the joint estimate."""
+    pixels, labels, text = batch
+    model = make_model(kind="moe", dropout=0.0, noisy_gating=False, layers=[3, 4], rank=8, scale=1.0)
+    randomize_units(model, std=0.1)
+    params = {m: unit_params(model, m) for m in ("vision", "language")}
+    before = snapshot(model)
+    model.train()
+    for p in model.units.parameters():
+        p.requires_grad_(True)
+    loss = F.cross_entropy(model.logits(model.encode_images(pixels), model.encode_texts(text)), labels)
+    grads = {m: torch.autograd.grad(loss, params[m], retain_graph=True, allow_unused=True) for m in params}
+    zo = mozo.ZOConfig(lr=0.0, two_sided=True, eps_vision=1e-4, eps_language=2e-4, per_tower=True)
+    stats = mozo.HybridStep(model, "dual-zo", zo, seed=1)(pixels, labels, text)
+    assert stats.tower_forwards == {"vision": 3, "language": 3}  # theta, then +- per tower: 1 + 2 each
+    assert stats.forward_passes == 5
+    want = {m: sum(float((g * direction(p, modality_seed(stats.zo.seeds[0], m), i, "gaussian")).sum())
+                   for i, (p, g) in enumerate(zip(params[m], grads[m])) if g is not None) for m in params}
+    assert abs(want["vision"]) > 2e-2 and abs(want["language"]) > 2e-2
+    assert abs(want["vision"] - want["language"]) > 2e-2  # the joint estimate could not pass both checks below
+    for m in params:
+        assert stats.zo.coefs[m][0] == pytest.approx(want[m], rel=5e-2)
+    for name, value in snapshot(model).items():  # lr = 0: every perturbation was undone
+        torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6)
+
+
+def test_per_tower_is_refused_with_fo_at_perturbed():
+    with pytest.raises(ValueError, match="cannot be combined with zo.per_tower"):
+        mozo.ZOConfig(two_sided=True, fo_at_perturbed=True, per_tower=True)

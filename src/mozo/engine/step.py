@@ -94,15 +94,15 @@ class HybridStep:
     def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model.logits(feats["vision"], feats["language"]).float(), labels)
 
-    def _perturb(self, seed: int, sign: float) -> None:
-        for m in self.zo_towers:
+    def _perturb(self, seed: int, sign: float, towers: Optional[list[str]] = None) -> None:
+        for m in self.zo_towers if towers is None else towers:
             perturb_(self.zo_params[m], modality_seed(seed, m), sign * self.zo.eps(m), self.zo.distribution)
 
-    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter) -> torch.Tensor:
-        """Loss with the ZO towers recomputed from their prefix cache, other towers' features reused."""
+    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers: Optional[list[str]] = None) -> torch.Tensor:
+        """Loss with `towers` (default: every ZO tower) recomputed from their prefix cache, other towers' features reused."""
         f = dict(feats)
         with torch.no_grad(), self._autocast():
-            for m in self.zo_towers:
+            for m in self.zo_towers if towers is None else towers:
                 f[m], _ = self.model.encode(m, start=cache[m])
                 counts[f"tower:{m}"] += 1
                 counts[f"layers:{m}"] += self.model.num_layers(m) - cache[m].layer
@@ -138,7 +138,8 @@ class HybridStep:
         seeds = [mix_seed(self.seed, k, d + 1) for d in range(cfg.q)]
         counts: Counter = Counter()
         inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
-        offset, current = 0.0, seeds[0]  # ZO units sit at theta + offset * eps * z(current): undone on error
+        # The ZO units of `towers` sit at theta + offset * eps * z(current): undone on error.
+        offset, current, towers = 0.0, seeds[0], self.zo_towers
         try:
             model.noise.seed = noise_seed
             if cfg.fo_at_perturbed and self.zo_towers:
@@ -168,27 +169,31 @@ class HybridStep:
             feats = {m: f.detach() for m, f in feats.items()}
             loss0 = loss0.detach()
 
-            record, diffs = None, []
-            if self.zo_towers:
-                for seed in seeds:
+            # One loss difference per direction for all ZO towers together, or (zo.per_tower) one per direction
+            # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
+            record, diffs, owners = None, [], []
+            groups = [[m] for m in self.zo_towers] if cfg.per_tower else [self.zo_towers]
+            for seed in seeds if self.zo_towers else []:
+                for towers in groups:
                     current = seed
                     if offset == 0.0:
-                        self._perturb(seed, +1.0)
+                        self._perturb(seed, +1.0, towers)
                         offset = 1.0
-                        plus = self._zo_loss(cache, feats, labels, counts)
+                        plus = self._zo_loss(cache, feats, labels, counts, towers)
                     else:  # fo_at_perturbed: the first forward was already at theta + eps z
                         plus = loss0
                     self._check(plus, "a perturbed forward")
                     if cfg.two_sided:
-                        self._perturb(seed, -2.0)
+                        self._perturb(seed, -2.0, towers)
                         offset = -1.0
-                        minus = self._zo_loss(cache, feats, labels, counts)
+                        minus = self._zo_loss(cache, feats, labels, counts, towers)
                         self._check(minus, "a perturbed forward")
-                        self._perturb(seed, +1.0)
+                        self._perturb(seed, +1.0, towers)
                         diffs.append(plus - minus)
                     else:
-                        self._perturb(seed, -1.0)
+                        self._perturb(seed, -1.0, towers)
                         diffs.append(plus - loss0)
+                    owners.append(towers)
                     offset = 0.0
                 if cfg.fo_at_perturbed:
                     loss0 = (plus + minus) / 2  # the loss at theta, to first order
@@ -203,7 +208,7 @@ class HybridStep:
             diffs_t, loss_mean = scalars[:-1], float(scalars[-1])
             if self.zo_towers:
                 denom = 2.0 if cfg.two_sided else 1.0
-                coefs = {m: [float(x) / (denom * cfg.eps(m)) for x in diffs_t] for m in self.zo_towers}
+                coefs = {m: [float(x) / (denom * cfg.eps(m)) for x, own in zip(diffs_t, owners) if m in own] for m in self.zo_towers}
                 record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
                 self._zo_update(record, cache, feats, labels, loss0, counts)
 
@@ -214,7 +219,7 @@ class HybridStep:
                 self.fo_optimizer.zero_grad(set_to_none=True)
         except BaseException:
             if offset != 0.0:
-                self._perturb(current, -offset)
+                self._perturb(current, -offset, towers)
             if self.fo_optimizer is not None:
                 self.fo_optimizer.zero_grad(set_to_none=True)
             raise

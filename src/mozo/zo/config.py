@@ -44,6 +44,9 @@ class ZOConfig:
     eps_language: Optional[float] = None
     weight_decay: float = 0.0  # for rule=adamw
     fo_at_perturbed: bool = False  # two-sided, q=1: take the FO gradient at theta+eps*z, saving one forward
+    # One loss difference per ZO tower (each tower perturbed alone, the other's features reused): the same
+    # tower forwards as the joint estimate, without the other tower's term in each tower's coefficient.
+    per_tower: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -54,6 +57,8 @@ class ZOConfig:
             raise ValueError(f"zo.q must be >= 1, got {self.q}")
         if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
             raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
+        if self.fo_at_perturbed and self.per_tower:
+            raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower")
         for name in ("eps_vision", "eps_language"):
             v = getattr(self, name)
             if v is not None and not v > 0:
