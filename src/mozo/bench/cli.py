@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--towers", default="vision,language", help="towers that get PEFT units (default vision,language)")
     parser.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--classes", type=int, default=10, help="class prompts encoded per step (default 10)")
-    parser.add_argument("--prompt-padding", default="max_length", choices=("max_length", "longest"),
-                        help="pad prompts to the 77-token context as the reference does (default), or to the longest prompt (same features)")
+    parser.add_argument("--prompt-padding", default="longest", choices=("longest", "max_length"),
+                        help="cut prompts at the longest one, as `mozo run` does (default), or pad them to the 77-token context "
+                        "as the reference code and the paper's memory table do (same features either way)")
     parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma-separated plans (grammar of `mozo run`; default {DEFAULT_PLANS}); an `inference` row is always added")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the rows (a JSON list) here")
     parser.add_argument("--plot", metavar="PNG", help="also draw a bar chart of memory per plan")

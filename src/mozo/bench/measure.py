@@ -45,7 +45,7 @@ class BenchSpec:
     towers: tuple = ("vision", "language")  # towers that get PEFT units
     batch: int = 4
     classes: int = 10
-    prompt_padding: str = "max_length"  # max_length (77 tokens) | longest
+    prompt_padding: str = "longest"  # longest (what `mozo run` does by default) | max_length (77 tokens, the reference's)
     steps: int = 3
     warmup: int = 1
     device: str = "cpu"

@@ -27,7 +27,9 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DataConfig:
     protocol: str = "cifar100-10-10"  # a CIL protocol preset, mtcl-order1/2[-5shot], cil (custom split), or demo
     template: str = "a bad photo of a {}."
-    prompt_padding: str = "max_length"  # max_length (77 tokens, as the reference) | longest (same features, cheaper)
+    # longest: prompts cut at the longest one (the same features: the text tower is causal, docs/benchmarks.md
+    # optimisation 6); max_length: padded to the 77-token context, as the reference code does.
+    prompt_padding: str = "longest"
     few_shot: Optional[int] = None  # k training images per class
     num_workers: int = 0
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
