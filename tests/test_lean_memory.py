@@ -103,3 +103,52 @@ def test_moe_gate_on_the_bottleneck_matches_the_reference_and_saves_no_expert_ou
             assert b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def full_width_features(model, modality, inputs):
+    """The tower run the plain way: every token through every layer, then pooling (the reference)."""
+    tower = model.towers[modality]
+    x = tower.embed(inputs)
+    h = x.hidden
+    for i, layer in enumerate(tower.layers):
+        h = towers.run_block(layer, h, x.mask, model._parallel[modality].get(i))
+    return tower.head(towers.TowerInput(h, x.mask, x.pool_index, tower.num_layers))
+
+
+@pytest.mark.parametrize("kind", ["moe", "adapter", "lora"])
+def test_top_layer_on_the_pooled_rows_gives_the_same_features_and_gradients(make_model, kind):
+    from conftest import PROMPTS, randomize_units
+
+    model = make_model(kind=kind, lora_targets=("q_proj", "v_proj", "out_proj", "fc1"))
+    randomize_units(model, std=0.1)
+    model.eval()
+    inputs = {"vision": {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))},
+              "language": model.backbone.tokenize(PROMPTS + ["a bad photo of the big dark blue square with stripes"])}
+    for modality, x in inputs.items():
+        params = [p for u in model.unit_list() if u.info.modality == modality for p in u.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        got = model.encode(modality, x)[0]
+        want = full_width_features(model, modality, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(got)
+        ga = torch.autograd.grad(got, params, g, allow_unused=True)
+        gb = torch.autograd.grad(want, params, g, allow_unused=True)
+        assert sum(a is not None and a.abs().sum() > 0 for a in ga) > len(params) // 2
+        for a, b in zip(ga, gb):
+            if b is None or a is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_top_layer_on_the_pooled_rows_saves_less(make_model):
+    model = make_model(kind="moe")
+    for p in model.units.parameters():
+        p.requires_grad_(True)
+    pixels = torch.randn(2, 3, 32, 32)
+    _, pruned = saved_tensors(lambda: model.encode("vision", {"pixel_values": pixels})[0])
+    _, full = saved_tensors(lambda: full_width_features(model, "vision", {"pixel_values": pixels}))
+    nbytes = lambda ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    per_layer = nbytes(full) / model.num_layers("vision")
+    assert nbytes(full) - nbytes(pruned) > 0.3 * per_layer  # q, the MLP and the unit of 16 of 17 tokens (keys and values stay)

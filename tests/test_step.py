@@ -32,12 +32,12 @@ class Recorder:
         self.tower, self.block = None, None
         original_block, original_encode = towers.run_block, model.encode
 
-        def run_block(layer, h, mask, parallel):
+        def run_block(layer, h, mask, parallel, rows=None):
             where = self.layer_of[id(layer)]
             self.blocks.append(where)
             self.block = where
             try:
-                out = original_block(layer, h, mask, parallel)
+                out = original_block(layer, h, mask, parallel, rows)
             finally:
                 self.block = None
             self.outputs[where].append(out)

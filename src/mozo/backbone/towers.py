@@ -36,14 +36,37 @@ class TowerInput:
     layer: int = 0  # 0-based index of the first layer still to run
 
 
-def run_block(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], parallel: Optional[ParallelUnit]) -> torch.Tensor:
-    """One CLIP residual block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) [+ unit(x)]."""
-    attn_out = layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask)[0]
-    h = h + attn_out
+def run_block(layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], parallel: Optional[ParallelUnit],
+              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One CLIP residual block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) [+ unit(x)].
+
+    `rows` (B, K): compute only these token positions' outputs (every token still serves as a key and
+    value), returning (B, K, D). The last block of a tower needs only what pooling and the MoE router
+    read, so running it on those rows gives the same features for a fraction of the block's work.
+    """
+    if rows is None:
+        h = h + layer.self_attn(hidden_states=layer.layer_norm1(h), attention_mask=mask)[0]
+    else:
+        h = _attend_from_rows(layer.self_attn, layer.layer_norm1, h, mask, rows)
     out = h + run_mlp(layer.mlp, layer.layer_norm2(h))
     if parallel is not None:
         out = out + parallel(h)
     return out
+
+
+def _attend_from_rows(attn: nn.Module, norm: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """h[rows] + attention(norm(h)) for the query positions `rows` only (transformers' CLIPAttention maths:
+    scaled dot product over heads, its q/k/v/out projections, so LoRA-wrapped projections apply)."""
+    x = norm(h)
+    (batch, length, width), k_rows = h.shape, rows.shape[1]
+    pick = rows[:, :, None].expand(-1, -1, width)
+    heads = lambda t, n: t.view(batch, n, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+    q = heads(attn.q_proj(x.gather(1, pick)), k_rows)
+    k, v = heads(attn.k_proj(x), length), heads(attn.v_proj(x), length)
+    if mask is not None:  # (B|1, 1, T, T) additive -> the kept query rows (B, 1, K, T)
+        mask = mask.expand(batch, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, length))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    return h.gather(1, pick) + attn.out_proj(out.transpose(1, 2).reshape(batch, k_rows, width))
 
 
 class Tower:
@@ -85,11 +108,25 @@ class Tower:
         return TowerInput(h, mask, pool)
 
     def run(self, x: TowerInput, stop: int, parallel: dict[int, ParallelUnit]) -> TowerInput:
-        """Run layers x.layer .. stop-1 (0-based), applying parallel units keyed by 0-based layer."""
-        h = x.hidden
+        """Run layers x.layer .. stop-1 (0-based), applying parallel units keyed by 0-based layer.
+
+        Running to the top computes the last layer only at the rows `head` reads (and the first token,
+        which the MoE router reads): the returned state then holds those rows only.
+        """
+        h, pool = x.hidden, x.pool_index
         for i in range(x.layer, stop):
-            h = run_block(self.layers[i], h, x.mask, parallel.get(i))
-        return TowerInput(h, x.mask, x.pool_index, stop)
+            rows = None
+            if i == self.num_layers - 1:
+                rows, pool = self._pooled_rows(h, pool)
+            h = run_block(self.layers[i], h, x.mask, parallel.get(i), rows)
+        return TowerInput(h, x.mask, pool, stop)
+
+    def _pooled_rows(self, h: torch.Tensor, pool: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Token rows the top layer must compute, and where the pooled token sits among them."""
+        zeros = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
+        if pool is None:  # vision: the class token, which is also the router's first token
+            return zeros, None
+        return torch.cat([zeros, pool.long()[:, None]], dim=1), torch.ones_like(pool)  # text: first token and EOS
 
     def head(self, x: TowerInput) -> torch.Tensor:
         """Pool, project and L2-normalise: the features CLIP compares."""
