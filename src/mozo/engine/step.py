@@ -9,6 +9,8 @@ One call does, for a batch (DESIGN section 3):
 2. For each of q directions: perturb the ZO units in place (direction regenerated from a seed),
    re-run only the towers that hold ZO units, starting from the prefix cache, reusing the other
    tower's cached features; restore. Noise (dropout, router) is re-seeded identically in every forward.
+   With `zo.per_tower`, each ZO tower is perturbed and re-run alone (one loss difference per tower and
+   direction): the same tower forwards, and no tower's coefficient carries the other tower's term.
 3. Apply the FO optimizer and the ZO rule. FO parameters do not move before all ZO forwards are done,
    so every loss of one estimate is evaluated at the same FO parameters.
 """
@@ -195,8 +197,8 @@ class HybridStep:
                         diffs.append(plus - loss0)
                     owners.append(towers)
                     offset = 0.0
-                if cfg.fo_at_perturbed:
-                    loss0 = (plus + minus) / 2  # the loss at theta, to first order
+            if cfg.fo_at_perturbed and self.zo_towers:
+                loss0 = (plus + minus) / 2  # the loss at theta, to first order
             # One all-reduce for every scalar of the step: the q loss differences and the loss. A non-finite
             # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
             # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must
