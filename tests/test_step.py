@@ -262,3 +262,16 @@ def test_every_plan_lowers_the_training_loss(make_model, tiny_backbone, plan, zo
         stats = step(pixels, labels, text)
         assert torch.isfinite(torch.tensor(stats.loss))
     assert eval_loss(model, pixels, labels, text) < 0.9 * start
+
+
+@pytest.mark.parametrize("plan", ["fo", "vision-zo", "dual-zo"])
+def test_bf16_autocast_step_runs_and_matches_fp32_loosely(make_model, batch, plan):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = make_model(kind="moe", dropout=0.0, noisy_gating=False)
+        randomize_units(model)
+        before = snapshot(model)
+        stats = mozo.HybridStep(model, plan, mozo.ZOConfig(lr=1e-3), fo_lr=1e-3, precision=precision)(*batch)
+        losses[precision] = stats.loss
+        assert any(not torch.equal(before[k], v) for k, v in snapshot(model).items())  # the units moved
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)

@@ -6,7 +6,9 @@ mozo runs the towers itself instead of calling `CLIPModel.forward`, for three re
 - a perturbed zeroth-order forward can start from a cached hidden state at layer k (the prefix
   cache), which needs a forward that begins in the middle of the encoder;
 - plans and units never special-case a model class: both towers look the same (`embed`, `layers`,
-  `head`).
+  `head`);
+- the top layer can be computed for the pooled token (and the router's first token) only, since no
+  other row of it is read.
 """
 from __future__ import annotations
 
