@@ -43,7 +43,7 @@ import torch
 
 WORLD = 2
 B, N_STEPS, N_CLASSES = 8, 3, 5
-PLANS = ("fo", "vision-zo", "dual-zo")
+PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower")  # "/per-tower": zo.per_tower=true
 ATOL = 1e-5
 # vision-zo: FO gradients of the language tower and ZO scalars in the same step; no noise (see above).
 RUN_ARGS = ["backbone=tiny", "batch_size=4", "num_tasks=2", "plan=vision-zo", "device=cpu", "peft.rank=8",
@@ -80,7 +80,9 @@ def _step(model, plan: str, dist_ctx=None):
     from mozo import HybridStep, ZOConfig
 
     kw = dict(reduce_scalars=dist_ctx.reduce_mean, reduce_grads=dist_ctx.reduce_grads) if dist_ctx else {}
-    return HybridStep(model, plan, ZOConfig(rule="sgd", lr=1e-4), fo_lr=1e-3, seed=7, **kw)
+    plan, _, option = plan.partition("/")
+    zo = ZOConfig(rule="sgd", lr=1e-4, per_tower=option == "per-tower")
+    return HybridStep(model, plan, zo, fo_lr=1e-3, seed=7, **kw)
 
 
 def _batches(bb):
