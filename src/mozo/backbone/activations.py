@@ -4,8 +4,8 @@ OpenAI CLIP uses QuickGELU, `x * sigmoid(1.702 x)`. Written as plain tensor ops 
 autograd keeps both `x` and `sigmoid(1.702 x)` for backward: two tensors of the MLP's hidden width (4x the
 model width) per layer, the largest thing a frozen CLIP block saves. `quick_gelu` keeps only `x` and
 recomputes the sigmoid in backward, one cheap element-wise op. For ViT-B/16 at batch 4 with 10 prompts of
-77 tokens this drops 183 MiB of the 715 MiB fo saves (docs/benchmarks.md, optimisation 4). The forward is
-bitwise the same as transformers'; the gradient agrees to rounding.
+77 tokens the sigmoid copies are 183 MiB of the 715 MiB fo kept (docs/benchmarks.md, optimisation 4).
+The forward is bitwise the same as transformers'; the gradient agrees to rounding.
 """
 from __future__ import annotations
 

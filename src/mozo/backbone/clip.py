@@ -58,7 +58,7 @@ class Backbone:
         code's `clip.tokenize` does. padding="longest": cut at the longest prompt. The text tower is
         causal and pools at EOS (the MoE router reads the first token), so no feature depends on the
         padding after EOS: the features are the same, for several times less text-tower work and memory
-        with short class prompts (docs/benchmarks.md, optimisation 5).
+        with short class prompts (docs/benchmarks.md, optimisation 6).
         """
         if padding not in PROMPT_PADDINGS:
             raise ValueError(f"prompt padding {padding!r}: expected one of {PROMPT_PADDINGS}")
