@@ -37,6 +37,13 @@ def test_quick_gelu_forward_is_bitwise_transformers_and_gradient_matches():
     quick_gelu(a).backward(g)
     QuickGELUActivation()(b).backward(g)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    # Large enough for the backward to run in several pieces, with a non-contiguous incoming gradient.
+    big = (torch.randn(3, 1000, 300) * 4).requires_grad_()
+    ref = big.detach().clone().requires_grad_()
+    g = torch.randn(3, 300, 1000).transpose(1, 2)
+    quick_gelu(big).backward(g)
+    QuickGELUActivation()(ref).backward(g)
+    torch.testing.assert_close(big.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_lean_mlp_keeps_one_hidden_tensor_where_transformers_keeps_two(tiny_backbone):
