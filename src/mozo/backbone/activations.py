@@ -30,17 +30,23 @@ class _QuickGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
+        # d/dx [x s(ax)] = s + a x s (1 - s). Small tensors: built in place, three buffers of x's size at most
+        # (the gradient, s, the derivative). Large ones: in at most 16 pieces written into the result, holding
+        # the gradient, the result and two small pieces.
+        step = max(_CHUNK, -(-x.numel() // 16))
+        if x.numel() <= step:
+            return _slope(x).mul_(grad)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         xs, gs, outs = x.reshape(-1), grad.contiguous().view(-1), out.view(-1)
-        # d/dx [x s(ax)] = s + a x s (1 - s), in at most 16 pieces written into the result: the backward then
-        # holds the incoming gradient, the result and two small pieces instead of three full-size buffers.
-        step = max(_CHUNK, -(-xs.numel() // 16))
         for i in range(0, xs.numel(), step):
-            xi = xs[i:i + step]
-            s = torch.sigmoid(_ALPHA * xi)
-            d = torch.sub(1.0, s).mul_(s).mul_(xi).mul_(_ALPHA).add_(s)
-            torch.mul(d, gs[i:i + step], out=outs[i:i + step])
+            torch.mul(_slope(xs[i:i + step]), gs[i:i + step], out=outs[i:i + step])
         return out
+
+
+def _slope(x: torch.Tensor) -> torch.Tensor:
+    """d/dx [x sigmoid(a x)] = s + a x s (1 - s) with s = sigmoid(a x), built in place on one new buffer."""
+    s = torch.sigmoid(_ALPHA * x)
+    return torch.sub(1.0, s).mul_(s).mul_(x).mul_(_ALPHA).add_(s)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
