@@ -138,6 +138,14 @@ def test_prompts_padded_to_the_longest_give_the_same_features(make_model):
         torch.testing.assert_close(model.encode_texts(short), model.encode_texts(full), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="prompt padding 'shortest'"):
         model.backbone.tokenize(prompts, padding="shortest")
+    side = model.backbone.tokenizer.padding_side
+    try:  # a tokenizer saved with left padding still pads on the right here (CLIP's positions need it)
+        model.backbone.tokenizer.padding_side = "left"
+        for padding, want in (("max_length", full), ("longest", short)):
+            got = model.backbone.tokenize(prompts, padding=padding)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        model.backbone.tokenizer.padding_side = side
 
 
 def test_run_config_rejects_an_unknown_prompt_padding():

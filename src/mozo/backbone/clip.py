@@ -62,7 +62,10 @@ class Backbone:
         """
         if padding not in PROMPT_PADDINGS:
             raise ValueError(f"prompt padding {padding!r}: expected one of {PROMPT_PADDINGS}")
-        enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
+        # Always on the right, whatever the tokenizer's default: CLIP's positions start at the first token and
+        # pooling reads the first EOS, so left padding would change every feature.
+        enc = self.tokenizer(prompts, padding="max_length", padding_side="right", truncation=True,
+                             max_length=self.context_length, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if padding == "longest":
             length = int(mask.sum(1).max())
