@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:  # the class transformers uses for hidden_act="quick_gelu"
-    from transformers.activations import QuickGELUActivation
-except ImportError:  # pragma: no cover - transformers is a hard dependency; kept for clarity
-    QuickGELUActivation = ()
+from transformers.activations import QuickGELUActivation  # what transformers builds for hidden_act="quick_gelu"
 
 _ALPHA = 1.702
 _CHUNK = 1 << 18  # elements per piece of the backward (1 MiB in fp32): bounds its temporaries

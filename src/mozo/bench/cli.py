@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mozo.backbone.clip import PROMPT_PADDINGS
 from mozo.bench.measure import INFERENCE, BenchSpec
 from mozo.zo.config import RULES
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--towers", default="vision,language", help="towers that get PEFT units (default vision,language)")
     parser.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--classes", type=int, default=10, help="class prompts encoded per step (default 10)")
-    parser.add_argument("--prompt-padding", default="longest", choices=("longest", "max_length"),
+    parser.add_argument("--prompt-padding", default="longest", choices=PROMPT_PADDINGS,
                         help="cut prompts at the longest one, as `mozo run` does (default), or pad them to the 77-token context "
                         "as the reference code and the paper's memory table do (same features either way)")
     parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma-separated plans (grammar of `mozo run`; default {DEFAULT_PLANS}); an `inference` row is always added")

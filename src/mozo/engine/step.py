@@ -96,15 +96,15 @@ class HybridStep:
     def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model.logits(feats["vision"], feats["language"]).float(), labels)
 
-    def _perturb(self, seed: int, sign: float, towers: Optional[list[str]] = None) -> None:
-        for m in self.zo_towers if towers is None else towers:
+    def _perturb(self, seed: int, sign: float, towers: list[str]) -> None:
+        for m in towers:
             perturb_(self.zo_params[m], modality_seed(seed, m), sign * self.zo.eps(m), self.zo.distribution)
 
-    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers: Optional[list[str]] = None) -> torch.Tensor:
-        """Loss with `towers` (default: every ZO tower) recomputed from their prefix cache, other towers' features reused."""
+    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers: list[str]) -> torch.Tensor:
+        """Loss with `towers` recomputed from their prefix cache, other towers' features reused."""
         f = dict(feats)
         with torch.no_grad(), self._autocast():
-            for m in self.zo_towers if towers is None else towers:
+            for m in towers:
                 f[m], _ = self.model.encode(m, start=cache[m])
                 counts[f"tower:{m}"] += 1
                 counts[f"layers:{m}"] += self.model.num_layers(m) - cache[m].layer
@@ -145,7 +145,7 @@ class HybridStep:
         try:
             model.noise.seed = noise_seed
             if cfg.fo_at_perturbed and self.zo_towers:
-                self._perturb(seeds[0], +1.0)
+                self._perturb(seeds[0], +1.0, towers)
                 offset = 1.0
             feats, cache = {}, {}
             with self._autocast():
@@ -257,9 +257,9 @@ class HybridStep:
 
         move(-lr)
         self.model.noise.seed = self._noise_seed(record.step)
-        minus = self._zo_loss(cache, feats, labels, counts)
+        minus = self._zo_loss(cache, feats, labels, counts, self.zo_towers)
         move(2 * lr)
-        plus = self._zo_loss(cache, feats, labels, counts)
+        plus = self._zo_loss(cache, feats, labels, counts, self.zo_towers)
         losses = self.reduce_scalars(torch.stack([loss0.float(), minus.float(), plus.float()]))
         choice = int(torch.argmin(losses))
         move(-lr if choice == 0 else (-2 * lr if choice == 1 else 0.0))
