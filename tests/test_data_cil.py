@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mozo.data.base import CorruptImageError, DatasetLayoutError, LabelledImages, load_image
-from mozo.data.loader import GlobalBatchSampler, TransformedDataset, collate_skipping, make_loader
+from mozo.data.loader import GlobalBatchSampler, Skipped, TransformedDataset, collate_skipping, make_loader
 from mozo.data.readers import (
     IMAGENET_R_CLASSNAMES,
     READERS,
@@ -214,12 +214,12 @@ def test_corrupt_image_raises_or_is_skipped(tmp_path):
     with pytest.raises(CorruptImageError, match="9_broken.jpg"):
         strict[i_bad]
     lenient = TransformedDataset(train, make_transform(False, 16), skip_corrupt=True)
-    assert lenient[i_bad] is None
+    assert lenient[i_bad] == Skipped(i_bad)
     batches = list(make_loader(lenient, batch_size=4, shuffle=False))
-    assert sum(n for _, _, n in batches) == 1
+    assert [i for _, _, skipped in batches for i in skipped] == [i_bad]
     assert sum(len(labels) for _, labels, _ in batches) == len(train) - 1
-    images, labels, skipped = collate_skipping([None, None])
-    assert (len(labels), skipped) == (0, 2)
+    images, labels, skipped = collate_skipping([Skipped(3), Skipped(5)])
+    assert (len(labels), skipped) == (0, [3, 5])
 
 
 # ------------------------------------------------------------------------------------------ scenarios

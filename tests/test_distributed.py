@@ -134,7 +134,7 @@ def _worker(out: Path, data_root: Path) -> None:
     # 0. The task loop on 2 ranks, interrupted by rank 0 alone (rank 1 must stop at the same step).
     try:
         run_experiment(cfg, out / "cut", data_root=data_root, progress=False, dist=ctx,
-                       interrupt_after_steps=CUT_AFTER if r == 0 else None)
+                       on_step=(lambda rn: rn.request_stop() if rn.state['steps'] >= CUT_AFTER else None) if r == 0 else None)
         rep["interrupted"] = False
     except RunInterrupted:
         rep["interrupted"] = True
@@ -309,7 +309,8 @@ def test_comm_volume_in_cost_section(job):
     per_step = {"fo_grads": 4.0 * n_fo, "scalars": 8.0, "control": 4.0}
     assert two["comm_payload_bytes_per_step"] == per_step == one["comm_payload_bytes_per_step"]
     assert two["comm_bytes_per_step"] == sum(per_step.values()) and one["comm_bytes_per_step"] == 0.0
-    assert two["comm_eval_bytes"] == one["comm_eval_bytes"] == 16 * 3  # (correct, total) float64 per evaluated task
+    # per evaluated test set: (correct, total) in float64 and the stop flag
+    assert two["comm_eval_bytes"] == one["comm_eval_bytes"] == (16 + 4) * 3
     assert two["comm_backend"] == "gloo"
 
 
@@ -341,7 +342,8 @@ def test_two_rank_checkpoint_resumes_on_one_process(job):
 def test_only_rank_zero_writes(job):
     for name, starts in (("full", 1), ("cut", 2)):
         run = job["out"] / name
-        assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "events.jsonl", "results.json"]
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "checkpoint.old", "config.json", "events.jsonl",
+                                                              "results.json", "run.json"]  # no .lock left behind
         events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
         kinds = [e["event"] for e in events]
         assert kinds.count("start") == starts and kinds.count("done") == 1

@@ -14,15 +14,19 @@ import torch
 from PIL import Image
 
 from mozo.cli import main as cli
-from mozo.engine.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from mozo.engine.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from mozo.engine.config import ConfigError, load_config
-from mozo.engine.loop import RunInterrupted, run_experiment
-from mozo.engine.step import NonFiniteLossError
+from mozo.engine.loop import RunFailed, RunInterrupted, run_experiment
 from mozo.metrics.summary import summarize
 from test_data_cil import make_cifar100, make_imagefolder, make_imagenet_r, make_tinyimagenet
 from test_data_mtcl import make_dtd, make_eurosat, make_mnist
 
 TINY = ["backbone=tiny", "batch_size=4", "max_steps_per_task=2", "data.eval_batch_size=64"]
+
+
+def stop_after(steps: int):
+    """A run's on_step callback that stops it as Ctrl-C would after `steps` training steps."""
+    return lambda runner: runner.request_stop() if runner.state["steps"] >= steps else None
 
 
 def cfg_for(preset: str, *extra: str):
@@ -116,7 +120,7 @@ def test_resume_mid_task_ends_where_an_uninterrupted_run_ends(tmp_path, plan, ru
                                          "num_tasks=3", "eval_max_samples=8", "train.warmup_iters=2"])
     full = run_experiment(cfg, tmp_path / "full", data_root=root, progress=False)
     with pytest.raises(RunInterrupted):
-        run_experiment(cfg, tmp_path / "cut", data_root=root, progress=False, interrupt_after_steps=7)
+        run_experiment(cfg, tmp_path / "cut", data_root=root, progress=False, on_step=stop_after(7))
     assert not (tmp_path / "cut" / "results.json").exists()
     _, state = load_checkpoint(tmp_path / "cut")
     assert state["task"] == 1 and state["batch"] == 2
@@ -131,7 +135,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     root = make_cifar100(tmp_path / "data", n_train=2)
     cfg = cfg_for("cifar100-10-10", "num_tasks=2", "eval_max_samples=8")
     with pytest.raises(RunInterrupted):
-        run_experiment(cfg, tmp_path / "run", data_root=root, progress=False, interrupt_after_steps=1)
+        run_experiment(cfg, tmp_path / "run", data_root=root, progress=False, on_step=stop_after(1))
     other = cfg_for("cifar100-10-10", "num_tasks=2", "eval_max_samples=8", "seed=5")
     with pytest.raises(ValueError, match="configuration differs"):
         run_experiment(other, tmp_path / "run", data_root=root, progress=False, resume=True)
@@ -144,7 +148,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, {"w": torch.zeros(3)}, {"task": 2})
     units, state = load_checkpoint(tmp_path)
     assert state["task"] == 1 and torch.equal(units["w"], torch.ones(3))
@@ -168,13 +172,18 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return loss * float("nan") if calls["n"] > 2 else loss  # task 1 fine, task 2 NaN
 
     monkeypatch.setattr(step_mod.HybridStep, "_loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(RunFailed, match=r"last good checkpoint.*mozo run --resume .*train.lr=0.0001"):
         run_experiment(cfg, tmp_path / "run", data_root=root, progress=False)
     _, state = load_checkpoint(tmp_path / "run")
     assert state["task"] == 1 and len(state["acc_matrix"]) == 1
+    # skipping is bounded: task 2 skipped 2 of its 2 steps, above the default fraction
     calls["n"] = 0
     skip = cfg_for("cifar100-10-10", "num_tasks=2", "eval_max_samples=8", "train.skip_nonfinite=true")
-    res = run_experiment(skip, tmp_path / "skip", data_root=root, progress=False)
+    with pytest.raises(RunFailed, match="2 of task 2's 2 steps"):
+        run_experiment(skip, tmp_path / "skip", data_root=root, progress=False)
+    calls["n"] = 0
+    tolerant = cfg_for("cifar100-10-10", "num_tasks=2", "eval_max_samples=8", "train.skip_nonfinite=true", "train.max_nonfinite_fraction=1")
+    res = run_experiment(tolerant, tmp_path / "tolerant", data_root=root, progress=False)
     assert res["cost"]["skipped_nonfinite_steps"] == 2
 
 

@@ -13,22 +13,32 @@ Three properties the training engine relies on:
    [r * batch_size // world_size, (r + 1) * batch_size // world_size). The union of the rank batches is
    exactly the single-process batch, so a run gives the same batches whatever the number of ranks.
 
-Corrupt images: with `skip_corrupt=True` an unreadable image yields None and `collate_skipping` drops it
-and counts it; every loader batch is therefore a triple `(images, labels, n_skipped)`.
+Corrupt images: with `skip_corrupt=True` an unreadable image yields a `Skipped(index)` marker and
+`collate_skipping` drops it and reports its index; every loader batch is therefore a triple
+`(images, labels, skipped_indices)`, so callers count distinct images, not failed loads.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import random
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+import signal
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .base import CorruptImageError, LabelledImages, load_image
 
-Sample = Optional[tuple[torch.Tensor, int]]
+
+
+class Skipped(NamedTuple):
+    """An unreadable image (skip_corrupt=True): dropped from the batch, its index reported."""
+
+    index: int
+
+
+Sample = "tuple[torch.Tensor, int] | Skipped"
 
 
 def derive_seed(*parts: int) -> int:
@@ -98,24 +108,33 @@ class TransformedDataset(Dataset):
             img = load_image(self.images.sources[index])
         except CorruptImageError:
             if self.skip_corrupt:
-                return None
+                return Skipped(index)
             raise
         return self.transform(img, self.rng_for(index)), self._label(index)
 
 
-def collate_skipping(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack a batch, dropping the None items left by skipped corrupt images.
+def collate_skipping(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stack a batch, dropping the `Skipped` markers left by unreadable images.
 
-    Returns (images [n, 3, H, W] float, labels [n] int64, n_skipped). If every item was skipped, images is
-    an empty tensor of shape [0] and labels an empty int64 tensor: callers test `len(labels) == 0`.
+    Returns (images [n, 3, H, W] float, labels [n] int64, indices of the skipped images). If every item was
+    skipped, images is an empty tensor of shape [0] and labels an empty int64 tensor: callers test
+    `len(labels) == 0`.
     """
-    kept = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(kept)
+    kept = [item for item in batch if not isinstance(item, Skipped)]
+    skipped = [item.index for item in batch if isinstance(item, Skipped)]
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), n_skipped
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
     images = torch.stack([img for img, _ in kept])
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
-    return images, labels, n_skipped
+    return images, labels, skipped
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and then shuts them down
+    (SLURM and a terminal's Ctrl-C signal every process of the job; a worker dying first would turn a clean
+    stop into a 'DataLoader worker exited unexpectedly' crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -231,7 +250,7 @@ def make_loader(
         rank, world_size: distributed shard (see `GlobalBatchSampler`).
         pad_last: how the shorter last global batch is shared by ranks (see `GlobalBatchSampler`).
 
-    Every batch is `(images, labels, n_skipped)` (see `collate_skipping`).
+    Every batch is `(images, labels, skipped_indices)` (see `collate_skipping`).
     """
     if isinstance(dataset, TransformedDataset):
         dataset.set_epoch(epoch)
@@ -241,13 +260,5 @@ def make_loader(
     # RNG, so iterating a loader never perturbs the global random state of the training code.
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch, rank))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_skipping,
-                      pin_memory=pin_memory, generator=generator)
-
-
-def loader_summary(loader: DataLoader) -> dict[str, Any]:
-    """Seed, epoch, resume point and shard of a loader made by `make_loader`, for logs and checkpoints."""
-    s = loader.batch_sampler
-    if not isinstance(s, GlobalBatchSampler):
-        return {}
-    return {"seed": s.seed, "epoch": s.epoch, "start_batch": s.start_batch, "rank": s.rank,
-            "world_size": s.world_size, "batch_size": s.batch_size, "batches": len(s)}
+                      pin_memory=pin_memory, generator=generator,
+                      worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)

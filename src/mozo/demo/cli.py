@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
             cfg = load_config("demo", quick + overrides + [f"seed={args.seed}"])
             run_dir = out / name.replace(":", "_")
             print(f"\n== {name} ==", flush=True)
-            res = run_experiment(cfg, run_dir, scenario=scenario, progress=True)
+            res = run_experiment(cfg, run_dir, scenario=scenario, progress=True, overwrite=True)  # the demo regenerates its runs
             by_part = res["cost"]["trainable_params"]["by_part"]
             zero = name == "zero-shot"
             rows.append({

@@ -56,6 +56,7 @@ class TrainConfig:
     max_steps_per_task: Optional[int] = None
     checkpoint_every: int = 0  # steps; 0 = only after every task
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf (counted) instead of stopping
+    max_nonfinite_fraction: float = 0.1  # with skip_nonfinite: stop when more of a task's steps than this were skipped
     precision: str = "fp32"  # fp32 | bf16 (autocast; PEFT units and ZO arithmetic stay fp32)
 
 
@@ -73,6 +74,7 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     distributed_backend: str = "auto"  # auto | nccl | gloo
+    distributed_timeout_s: float = 600.0  # a collective waiting longer for a stalled rank fails with a clear error
 
 
 ALIASES = {

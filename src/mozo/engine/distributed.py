@@ -8,13 +8,14 @@
 Only rank 0 writes results, logs and checkpoints.
 
 Every collective is counted by kind in `payload_bytes` (the bytes this rank contributes to
-all-reduces: `fo_grads`, `scalars`, `control`, `eval`, `debug`), also on one process, where nothing
+all-reduces: `fo_grads`, `scalars`, `control`, `eval`, `checkpoint`, `debug`), also on one process, where nothing
 is sent but the numbers say what a data-parallel run of the same plan would all-reduce per step.
 `bytes_communicated` is what was actually all-reduced (0 on one process).
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -88,10 +89,10 @@ class DistContext:
             g.copy_(flat[offset: offset + g.numel()].view_as(g).to(g.device))
             offset += g.numel()
 
-    def any(self, flag: bool) -> bool:
+    def any(self, flag: bool, kind: str = "control") -> bool:
         """True on every rank if it is true on any rank (e.g. Ctrl-C seen by one rank: all stop at the same step)."""
         t = torch.tensor([1.0 if flag else 0.0])
-        self._count("control", t)
+        self._count(kind, t)
         if not self.active:
             return bool(flag)
         t = t.to(self.comm_device)
@@ -137,11 +138,13 @@ def _bit_checksums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.sum(), (bits * pos).sum()
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
+def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: float = 600.0) -> DistContext:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a one-process context.
 
     backend: `auto` picks nccl when this rank computes on a CUDA device, gloo otherwise; the config key
     `distributed_backend` overrides it (e.g. gloo on GPUs without NCCL).
+    timeout_s: how long a collective waits for the other ranks before failing (the backends' defaults,
+    30 min for gloo and 10 min for NCCL, leave a run with one stalled rank hanging for that long).
     """
     if backend not in BACKENDS:
         raise ValueError(f"distributed_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -154,7 +157,7 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError(f"distributed_backend=nccl needs CUDA devices, but this rank computes on {dev}; use distributed_backend=gloo (or auto)")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     comm_device = dev if backend == "nccl" else torch.device("cpu")
     return DistContext(dist.get_rank(), dist.get_world_size(), backend, dev, comm_device)
 

@@ -7,14 +7,14 @@ where an uninterrupted one ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import signal
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from mozo.backbone.clip import load_backbone
 from mozo.data.loader import TransformedDataset, make_loader
 from mozo.data.scenario import Scenario
 from mozo.data.transforms import make_transform
-from mozo.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mozo.engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mozo.engine.config import RunConfig, from_dict, to_dict
+from mozo.engine import rundir
 from mozo.engine.distributed import TRAIN_KINDS, DistContext
 from mozo.engine.step import HybridStep, NonFiniteLossError
 from mozo.metrics.summary import summarize
@@ -35,26 +36,62 @@ from mozo.zo.plan import plan_for_model
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Raised after the checkpoint was saved on Ctrl-C (or a test's simulated interrupt)."""
+    """Raised after the checkpoint was saved on Ctrl-C or SIGTERM; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunFailed(RuntimeError):
+    """Training cannot go on (non-finite values); the message says what is kept and the command that continues."""
+
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes 128 + signal number, as shells report
 
 
 class _Interrupt:
-    """Turns SIGINT into a flag checked between steps, so a step is never cut in half."""
+    """Turns SIGINT and SIGTERM (what SLURM, Kubernetes and torchrun send) into a flag checked between steps
+    and evaluation batches, so a step is never cut in half and a checkpoint is written. A second signal
+    stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.exit_code = 130
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped at once")
+        self.requested, self.exit_code = True, STOP_SIGNALS[signum]
 
     def __enter__(self) -> "_Interrupt":
-        try:
-            self._old = signal.signal(signal.SIGINT, lambda *_: setattr(self, "requested", True))
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# Keys `mozo run --resume DIR key=value` may change: they steer how the rest of the run is computed, not what
+# was computed so far. The change is recorded in config.json and in the `resumed` event.
+RESUME_OVERRIDES = ("train.lr", "zo.lr", "train.checkpoint_every", "train.skip_nonfinite", "train.max_nonfinite_fraction",
+                    "data.eval_batch_size", "data.num_workers", "device", "distributed_timeout_s")
+
+
+def _without(d: dict, dotted_keys: tuple[str, ...]) -> dict:
+    out = json.loads(json.dumps(d))
+    for key in dotted_keys:
+        node, *path = key.split(".")
+        parent, leaf = (out, node) if not path else (out.get(node, {}), path[-1])
+        if isinstance(parent, dict):
+            parent.pop(leaf, None)
+    return out
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -71,12 +108,13 @@ class Runner:
     """One run: a model, a scenario, a run directory. `run()` trains and evaluates every task."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, scenario: Scenario, dist: DistContext | None = None,
-                 progress: bool = True, interrupt_after_steps: Optional[int] = None):
+                 progress: bool = True, on_step: Optional[Callable[["Runner"], None]] = None):
         self.cfg, self.scenario = cfg, scenario
         self.dist = dist or DistContext(device=_device(cfg.device))
         self.out = Path(out_dir)
         self.progress = progress and self.dist.is_main
-        self.interrupt_after_steps = interrupt_after_steps  # tests: simulate Ctrl-C after this many steps
+        self.on_step = on_step  # called after every training step; may call request_stop()
+        self._interrupt = _Interrupt()
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
         self.backbone = load_backbone(cfg.backbone, self.device, seed=cfg.seed)
@@ -88,14 +126,26 @@ class Runner:
         if empty:
             raise ValueError(f"tasks {empty} have no test images, so their accuracy is undefined; "
                              "check the dataset's test split (docs/datasets.md)")
+        if cfg.num_tasks is not None and cfg.num_tasks > len(scenario.tasks):
+            raise ValueError(f"num_tasks={cfg.num_tasks} but scenario {scenario.name!r} has {len(scenario.tasks)} tasks; "
+                             f"choose num_tasks between 1 and {len(scenario.tasks)}")
         self.state: dict[str, Any] = {
-            "task": 0, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
-            "skipped_images": 0, "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
+            "task": 0, "trained": False, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
+            "skipped_images": [], "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
             "wall_time_s": 0.0, "step_times": [], "steps": 0, "optimizer": None, "zo_optimizer": None,
         }
         self._n_tasks = n
         self._log_file = None
         self._tb = None  # SummaryWriter, or False when tensorboard is not installed
+
+    def request_stop(self, exit_code: int = 130) -> None:
+        """Stop at the next step boundary as on Ctrl-C (checkpoint, RunInterrupted)."""
+        self._interrupt.requested, self._interrupt.exit_code = True, exit_code
+
+    def _count_skipped(self, split: str, task: int, indices: list[int]) -> None:
+        """Unreadable images, each counted once however often it is loaded (epochs, evaluations)."""
+        seen = self.state["skipped_images"]
+        seen.extend(k for k in (f"{split}:{task}:{i}" for i in indices) if k not in seen)
 
     # -- persistence ---------------------------------------------------------------------------
     def log(self, event: str, **fields: Any) -> None:
@@ -132,20 +182,38 @@ class Runner:
             self.state["optimizer"] = step.fo_optimizer.state_dict() if step.fo_optimizer else None
             self.state["zo_optimizer"] = step.zo_optimizer.state_dict() if step.zo_optimizer else None
             self.state["zo_step"] = step.step_index
+        failed = None
         if self.dist.is_main:
-            save_checkpoint(self.out, self.model.units.state_dict(), {**self.state, "rng": rng_state(), "config": to_dict(self.cfg)})
-        self.dist.barrier()
+            try:
+                save_checkpoint(self.out, self.model.units.state_dict(), {**self.state, "rng": rng_state(), "config": to_dict(self.cfg)})
+            except FloatingPointError as exc:  # never write units a resume could not continue from
+                failed = str(exc)
+        # Also the barrier: ranks go on once rank 0 has written the checkpoint, and all know whether it could.
+        if self.dist.any(failed is not None, kind="checkpoint"):
+            raise RunFailed(self._nonfinite_advice(failed or "the units hold NaN or inf on rank 0"))
+
+    def _nonfinite_advice(self, what: str) -> str:
+        """What happened, what is kept, and the command that continues with a smaller learning rate."""
+        kept = find_checkpoint(self.out)
+        lrs = f"train.lr={self.cfg.train.lr / 10:g}" + (f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") else "")
+        if kept is None:
+            return (f"{what}. No checkpoint was written before it, so nothing can be resumed; start again with a lower "
+                    f"learning rate, e.g. `mozo run ... {lrs} --out {self.out} --overwrite`, or set train.skip_nonfinite=true")
+        return (f"{what}. The last good checkpoint is kept in {kept}; continue from it with a lower learning rate: "
+                f"mozo run --resume {self.out} {lrs}")
 
     def restore(self) -> None:
         units, state = load_checkpoint(self.out)
-        saved_cfg = from_dict(state.pop("config"))
-        if to_dict(saved_cfg) != to_dict(self.cfg):
+        saved = state.pop("config")
+        if _without(saved, RESUME_OVERRIDES) != _without(to_dict(self.cfg), RESUME_OVERRIDES):
             raise ValueError(f"the configuration differs from the one the run in {self.out} started with; "
-                             "resume with the same preset and overrides (see config.json there)")
+                             f"resume with the same preset and overrides (see config.json there); only "
+                             f"{', '.join(RESUME_OVERRIDES)} may change on resume")
+        changed = {k: v for k, v in _flat(to_dict(self.cfg)).items() if _flat(saved).get(k) != v}
         missing = self.model.units.load_state_dict({k: v.to(self.device) for k, v in units.items()})
         set_rng_state(state.pop("rng"))
         self.state.update(state)
-        self.log("resumed", task=self.state["task"], batch=self.state["batch"], missing=str(missing))
+        self.log("resumed", task=self.state["task"], batch=self.state["batch"], missing=str(missing), overrides=changed)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -163,6 +231,11 @@ class Runner:
     def accuracy(self, task_index: int, classnames: list[str], label_offset: int = 0) -> tuple[float, int]:
         """Accuracy (%) on a task's test set against `classnames` (labels minus `label_offset` index them),
         sharded over ranks."""
+        # Checked per test set, not per batch: ranks may hold different numbers of evaluation batches, and a
+        # collective must be entered by all of them. The trained units are already checkpointed.
+        if self.dist.any(self._interrupt.requested, kind="eval"):
+            raise RunInterrupted(f"interrupted while evaluating; the trained units are checkpointed in {self.out / 'checkpoint'}; "
+                                 f"continue (evaluation only) with: mozo run --resume {self.out}", self._interrupt.exit_code)
         images = self.tasks[task_index].test
         if self.cfg.eval_max_samples and len(images) > self.cfg.eval_max_samples:
             pick = np.random.default_rng(mix_seed(self.cfg.seed, task_index) % 2**32).permutation(len(images))
@@ -174,7 +247,7 @@ class Runner:
                              rank=self.dist.rank, world_size=self.dist.world_size, pad_last=False)
         correct = torch.zeros(2, dtype=torch.float64)
         for pixels, labels, skipped in tqdm(loader, desc=f"eval {self.tasks[task_index].name}", leave=False, disable=not self.progress):
-            self.state["skipped_images"] += skipped
+            self._count_skipped("test", task_index, skipped)
             if len(labels) == 0:
                 continue
             pred = self.model.logits(self.model.encode_images(pixels.to(self.device)), text).argmax(-1).cpu()
@@ -183,7 +256,7 @@ class Runner:
         return 100.0 * float(correct[0]) / max(1.0, float(correct[1])), int(correct[1])
 
     def evaluate_after(self, t: int) -> list[Optional[float]]:
-        """Row t of the accuracy matrix (DESIGN section 2)."""
+        """Row t of the accuracy matrix (docs/experiments.md, metrics)."""
         sc, n = self.scenario, self._n_tasks
         if sc.protocol == "cil":
             names = sc.eval_classnames(t)
@@ -206,8 +279,8 @@ class Runner:
             step.zo_optimizer.load_state_dict(self.state["zo_optimizer"])
         return step
 
-    def train_task(self, t: int, interrupt: _Interrupt) -> None:
-        cfg, task = self.cfg, self.tasks[t]
+    def train_task(self, t: int) -> None:
+        cfg, task, interrupt = self.cfg, self.tasks[t], self._interrupt
         offset = task.label_offset
         label_map = {lab: lab - offset for lab in task.labels}
         train_tf = make_transform(True, self.backbone.image_size, self.backbone.mean, self.backbone.std)
@@ -218,6 +291,7 @@ class Runner:
             total = min(total, cfg.train.max_steps_per_task)
         text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device, cfg.data.prompt_padding)
         step = self.make_step(t)
+        skipped_before = self.state["skipped_nonfinite"]
         bar = tqdm(total=total, initial=self.state["epoch"] * per_epoch + self.state["batch"], desc=f"task {t + 1}/{self._n_tasks} {task.name} [{cfg.plan}]", disable=not self.progress)
         while self.state["epoch"] < cfg.train.epochs:
             done = self.state["epoch"] * per_epoch + self.state["batch"]
@@ -230,7 +304,7 @@ class Runner:
                 done = self.state["epoch"] * per_epoch + self.state["batch"]
                 if done >= total:
                     break
-                self.state["skipped_images"] += skipped
+                self._count_skipped("train", t, skipped)
                 factor = lr_factor(done, total, cfg.train.warmup_iters, cfg.train.schedule)
                 if step.fo_optimizer is not None:
                     for group in step.fo_optimizer.param_groups:
@@ -242,8 +316,8 @@ class Runner:
                 except NonFiniteLossError as exc:
                     if not cfg.train.skip_nonfinite:
                         self.log("nonfinite", task=t, batch=self.state["batch"], message=str(exc))
-                        raise NonFiniteLossError(f"{exc} (task {t + 1}, step {done + 1}). The last good checkpoint in "
-                                                 f"{self.out / 'checkpoint'} is kept; resume with --resume after fixing the cause.") from None
+                        bar.close()
+                        raise RunFailed(self._nonfinite_advice(f"{exc} (task {t + 1}, step {done + 1})")) from None
                     self.state["skipped_nonfinite"] += 1
                     step.step_index += 1
                     stats = None
@@ -264,13 +338,14 @@ class Runner:
                 bar.update(1)
                 if cfg.train.checkpoint_every and self.state["steps"] % cfg.train.checkpoint_every == 0:
                     self.save(step)
-                if self.interrupt_after_steps is not None and self.state["steps"] >= self.interrupt_after_steps:
-                    interrupt.requested = True
-                if self.dist.any(interrupt.requested):  # a Ctrl-C seen by any rank stops all at this step
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self.dist.any(interrupt.requested):  # a signal seen by any rank stops all at this step
                     self.save(step)
                     bar.close()
                     self.log("interrupted", task=t, batch=self.state["batch"])
-                    raise RunInterrupted(f"interrupted; checkpoint saved in {self.out / 'checkpoint'}; continue with: mozo run --resume {self.out}")
+                    raise RunInterrupted(f"interrupted; checkpoint saved in {self.out / 'checkpoint'}; continue with: "
+                                         f"mozo run --resume {self.out}", interrupt.exit_code)
             else:
                 self.state["epoch"] += 1
                 self.state["batch"] = 0
@@ -278,34 +353,47 @@ class Runner:
             break
         bar.close()
         self.state["zo_step"] = step.step_index
-        self._last_step = step
+        self._check_skipped_fraction(t, self.state["skipped_nonfinite"] - skipped_before, total)
+
+    def _check_skipped_fraction(self, t: int, skipped: int, steps: int) -> None:
+        """train.skip_nonfinite tolerates a few bad batches, not a task that mostly did not train."""
+        limit = self.cfg.train.max_nonfinite_fraction
+        if skipped and steps and skipped / steps > limit:
+            raise RunFailed(self._nonfinite_advice(
+                f"{skipped} of task {t + 1}'s {steps} steps had a non-finite loss and were skipped, more than "
+                f"train.max_nonfinite_fraction={limit:g}"))
 
     def run(self, resume: bool = False) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore()
-        elif self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
+        if self.dist.is_main:  # on resume: with the overrides it accepted (RESUME_OVERRIDES)
+            rundir.atomic_write(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=1))
         t0 = time.perf_counter() - self.state["wall_time_s"]
         # comm counters live in this process: per-step volumes use the steps run here (not the resumed ones)
         self._steps_at_start, self._comm_at_start = self.state["steps"], dict(self.dist.payload_bytes)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts())
-        with _Interrupt() as interrupt:
+        with self._interrupt:
             while self.state["task"] < self._n_tasks:
                 t = self.state["task"]
-                self.train_task(t, interrupt)
+                if not self.state["trained"]:
+                    self.train_task(t)
+                    # Checkpoint the trained units before evaluating: a failure while evaluating loses no training,
+                    # and a resume re-runs only the evaluation.
+                    self.state.update(trained=True, epoch=0, batch=0, optimizer=None, zo_optimizer=None)
+                    self.state["wall_time_s"] = time.perf_counter() - t0
+                    self.save(None)
                 row = self.evaluate_after(t)
                 self.state["acc_matrix"].append(row)
                 self.log("eval", task=t, row=row)
-                self.state.update(task=t + 1, epoch=0, batch=0, optimizer=None, zo_optimizer=None)
+                self.state.update(task=t + 1, trained=False)
                 self.state["wall_time_s"] = time.perf_counter() - t0
                 self.save(None)
         self.state["wall_time_s"] = time.perf_counter() - t0
         results = self.results()
         if self.dist.is_main:
-            _atomic_write(self.out / "results.json", json.dumps(results, indent=1))
+            rundir.atomic_write(self.out / "results.json", json.dumps(results, indent=1))
         self.log("done", summary=results["summary"])
         return results
 
@@ -338,7 +426,7 @@ class Runner:
             "wall_time_s": s["wall_time_s"], "step_time_s": statistics.median(s["step_times"]) if s["step_times"] else None,
             "steps": s["steps"], "forward_passes": s["forward_passes"], "backward_passes": s["backward_passes"],
             "tower_forwards": s["tower_forwards"], "skipped_nonfinite_steps": s["skipped_nonfinite"],
-            "skipped_images": s["skipped_images"], "world_size": self.dist.world_size,
+            "skipped_images": len(s["skipped_images"]), "world_size": self.dist.world_size,
             **self._comm_cost(),
         }
 
@@ -360,19 +448,37 @@ def _device(spec: str) -> torch.device:
     return resolve_device(spec)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | Path, scenario: Scenario | None = None, data_root: str | Path | None = None,
                    resume: bool = False, progress: bool = True, dist: DistContext | None = None,
-                   interrupt_after_steps: Optional[int] = None) -> dict:
-    """Run (or resume) one experiment and return its results.json content."""
-    if scenario is None:
-        from mozo.engine.scenarios import build_scenario
+                   on_step: Optional[Callable[[Runner], None]] = None, overwrite: bool = False) -> dict:
+    """Run (or resume) one experiment and return its results.json content.
 
-        scenario = build_scenario(cfg, data_root)
-    runner = Runner(cfg, out_dir, scenario, dist=dist, progress=progress, interrupt_after_steps=interrupt_after_steps)
-    return runner.run(resume=resume)
+    The run directory is checked (and locked) before the data or the backbone is loaded. On resume the data
+    root recorded in run.json is used unless `data_root` is given, and the data must match its fingerprint.
+    """
+    out = Path(out_dir)
+    is_main = dist is None or dist.is_main
+    if is_main:
+        rundir.prepare(out, resume, overwrite)
+    info = rundir.read_run_info(out) if resume else {}
+    if data_root is None and info.get("data_root"):
+        data_root = info["data_root"]
+    with rundir.RunLock(out) if is_main else contextlib.nullcontext():
+        if scenario is None:
+            from mozo.engine.scenarios import build_scenario
+
+            scenario = build_scenario(cfg, data_root)
+        fingerprint = rundir.data_fingerprint(scenario, Path(data_root) if data_root else None)
+        if resume:
+            rundir.check_fingerprint(out, info.get("data", []), fingerprint)
+        elif is_main:
+            rundir.write_run_info(out, Path(data_root) if data_root else None, fingerprint)
+        runner = Runner(cfg, out, scenario, dist=dist, progress=progress, on_step=on_step)
+        return runner.run(resume=resume)
