@@ -197,10 +197,6 @@ def test_an_unreadable_image_counts_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- signals
-def _start(cmd: list[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -210,13 +206,14 @@ def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.05)
 
 
-def test_sigterm_checkpoints_and_exits_143(tmp_path, cifar):
+def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cifar):
+    """As SLURM does: SIGTERM to every process of the job, loader workers included."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mozo", *RUN, "num_tasks=1", "batch_size=2", "max_steps_per_task=40",
+    cmd = [sys.executable, "-m", "mozo", *RUN, "num_tasks=1", "batch_size=2", "max_steps_per_task=40", "data.num_workers=1",
            "--data-root", str(cifar), "--out", str(out)]
-    proc = _start(cmd, out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_steps(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert f"mozo run --resume {out}" in err
@@ -234,7 +231,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path, cifar):
     rng = random.Random(13)
     for attempt in range(3):
         out = tmp_path / f"cut{attempt}"
-        proc = _start([sys.executable, "-m", "mozo", *args, "--out", str(out)], out)
+        proc = subprocess.Popen([sys.executable, "-m", "mozo", *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_steps(out, rng.randint(1, 9), proc)
         time.sleep(rng.uniform(0, 0.3))
         proc.kill()
@@ -293,3 +290,15 @@ def test_a_stalled_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     assert got["raised"] and got["after_s"] < 10  # the backend default would wait 30 minutes
     cfg = _cfg("distributed_timeout_s=2")
     assert "distributed_timeout_s=2" in _explain_runtime(RuntimeError(got["message"]), cfg)
+
+
+def test_non_finite_training_is_a_message_with_a_command_that_works(tmp_path, cifar, monkeypatch, capsys):
+    import mozo.engine.step as step_mod
+
+    real = step_mod.HybridStep._loss
+    monkeypatch.setattr(step_mod.HybridStep, "_loss", lambda self, f, y: real(self, f, y) * float("nan"))
+    out = tmp_path / "run"
+    assert cli([*RUN, "--data-root", str(cifar), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No checkpoint was written" in err and "--overwrite" in err
+    assert "checkpoint" not in {p.name for p in out.iterdir()}
