@@ -302,3 +302,20 @@ def test_non_finite_training_is_a_message_with_a_command_that_works(tmp_path, ci
     err = capsys.readouterr().err
     assert "Traceback" not in err and "No checkpoint was written" in err and "--overwrite" in err
     assert "checkpoint" not in {p.name for p in out.iterdir()}
+
+
+def test_one_signal_asks_to_stop_a_second_stops_at_once():
+    from mozo.engine.loop import _Interrupt
+
+    with _Interrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.requested and interrupt.exit_code == 143
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_num_tasks_beyond_the_scenario_is_refused(tmp_path, cifar):
+    with pytest.raises(ValueError, match="num_tasks=11 but scenario"):
+        run_experiment(_cfg("num_tasks=11"), tmp_path / "run", data_root=cifar, progress=False)

@@ -116,6 +116,9 @@ class Runner:
         self.on_step = on_step  # called after every training step; may call request_stop()
         self._interrupt = _Interrupt()
         self.device = self.dist.device
+        if cfg.num_tasks is not None and cfg.num_tasks > len(scenario.tasks):  # before the backbone loads
+            raise ValueError(f"num_tasks={cfg.num_tasks} but scenario {scenario.name!r} has {len(scenario.tasks)} tasks; "
+                             f"choose num_tasks between 1 and {len(scenario.tasks)}")
         torch.manual_seed(cfg.seed)
         self.backbone = load_backbone(cfg.backbone, self.device, seed=cfg.seed)
         self.model = MozoCLIP(self.backbone, cfg.peft)
@@ -126,9 +129,7 @@ class Runner:
         if empty:
             raise ValueError(f"tasks {empty} have no test images, so their accuracy is undefined; "
                              "check the dataset's test split (docs/datasets.md)")
-        if cfg.num_tasks is not None and cfg.num_tasks > len(scenario.tasks):
-            raise ValueError(f"num_tasks={cfg.num_tasks} but scenario {scenario.name!r} has {len(scenario.tasks)} tasks; "
-                             f"choose num_tasks between 1 and {len(scenario.tasks)}")
+
         self.state: dict[str, Any] = {
             "task": 0, "trained": False, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
             "skipped_images": [], "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
