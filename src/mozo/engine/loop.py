@@ -28,6 +28,7 @@ from mozo.engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, 
 from mozo.engine.config import RunConfig, from_dict, to_dict
 from mozo.engine import rundir
 from mozo.engine.distributed import TRAIN_KINDS, DistContext
+from mozo.engine.overview import run_overview
 from mozo.engine.step import HybridStep, NonFiniteLossError
 from mozo.metrics.summary import summarize
 from mozo.peft.inject import MozoCLIP
@@ -108,12 +109,13 @@ class Runner:
     """One run: a model, a scenario, a run directory. `run()` trains and evaluates every task."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, scenario: Scenario, dist: DistContext | None = None,
-                 progress: bool = True, on_step: Optional[Callable[["Runner"], None]] = None):
+                 progress: bool = True, on_step: Optional[Callable[["Runner"], None]] = None, show_overview: bool = False):
         self.cfg, self.scenario = cfg, scenario
         self.dist = dist or DistContext(device=_device(cfg.device))
         self.out = Path(out_dir)
         self.progress = progress and self.dist.is_main
         self.on_step = on_step  # called after every training step; may call request_stop()
+        self.show_overview = show_overview  # print the one-screen plan of the run before training (mozo run)
         self._interrupt = _Interrupt()
         self.device = self.dist.device
         if cfg.num_tasks is not None and cfg.num_tasks > len(scenario.tasks):  # before the backbone loads
@@ -280,6 +282,12 @@ class Runner:
             step.zo_optimizer.load_state_dict(self.state["zo_optimizer"])
         return step
 
+    def steps_for_task(self, t: int) -> int:
+        """Training steps of task t: its batches times the epochs, capped by train.max_steps_per_task."""
+        total = math.ceil(len(self.tasks[t].train) / self.cfg.train.batch_size) * self.cfg.train.epochs
+        cap = self.cfg.train.max_steps_per_task
+        return total if cap is None else min(total, cap)
+
     def train_task(self, t: int) -> None:
         cfg, task, interrupt = self.cfg, self.tasks[t], self._interrupt
         offset = task.label_offset
@@ -287,9 +295,7 @@ class Runner:
         train_tf = make_transform(True, self.backbone.image_size, self.backbone.mean, self.backbone.std)
         ds = TransformedDataset(task.train, train_tf, seed=mix_seed(cfg.seed, t), label_map=label_map, skip_corrupt=cfg.data.skip_corrupt)
         per_epoch = math.ceil(len(ds) / cfg.train.batch_size)
-        total = per_epoch * cfg.train.epochs
-        if cfg.train.max_steps_per_task is not None:
-            total = min(total, cfg.train.max_steps_per_task)
+        total = self.steps_for_task(t)
         text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device, cfg.data.prompt_padding)
         step = self.make_step(t)
         skipped_before = self.state["skipped_nonfinite"]
@@ -374,7 +380,10 @@ class Runner:
         self._steps_at_start, self._comm_at_start = self.state["steps"], dict(self.dist.payload_bytes)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts())
+        overview = run_overview(self)
+        if self.show_overview and self.dist.is_main:
+            print(overview, flush=True)
+        self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts(), overview=overview)
         with self._interrupt:
             while self.state["task"] < self._n_tasks:
                 t = self.state["task"]
@@ -458,7 +467,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def run_experiment(cfg: RunConfig, out_dir: str | Path, scenario: Scenario | None = None, data_root: str | Path | None = None,
                    resume: bool = False, progress: bool = True, dist: DistContext | None = None,
-                   on_step: Optional[Callable[[Runner], None]] = None, overwrite: bool = False) -> dict:
+                   on_step: Optional[Callable[[Runner], None]] = None, overwrite: bool = False,
+                   show_overview: bool = False) -> dict:
     """Run (or resume) one experiment and return its results.json content.
 
     The run directory is checked (and locked) before the data or the backbone is loaded. On resume the data
@@ -481,5 +491,5 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, scenario: Scenario | Non
             rundir.check_fingerprint(out, info.get("data", []), fingerprint)
         elif is_main:
             rundir.write_run_info(out, Path(data_root) if data_root else None, fingerprint)
-        runner = Runner(cfg, out, scenario, dist=dist, progress=progress, on_step=on_step)
+        runner = Runner(cfg, out, scenario, dist=dist, progress=progress, on_step=on_step, show_overview=show_overview)
         return runner.run(resume=resume)

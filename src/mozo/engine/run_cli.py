@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         results = run_experiment(cfg, out, data_root=args.data_root, resume=bool(args.resume), progress=not args.no_progress,
-                                 dist=dist, overwrite=False)
+                                 dist=dist, show_overview=True)
     except RunInterrupted as exc:
         print(f"\nmozo run: {exc}", file=sys.stderr)
         return exc.exit_code

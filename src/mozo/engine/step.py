@@ -48,6 +48,17 @@ class StepStats:
     zo: Optional[ZORecord] = None
 
 
+def forwards_per_step(zo: ZOConfig, zo_towers: int, cached_text: bool = False) -> int:
+    """Loss evaluations one step makes: the first forward, then per direction and ZO group one perturbed
+    forward (two two-sided, the first of which is the first forward under zo.fo_at_perturbed), plus the two
+    candidate losses of rule=conservative. Tested against `StepStats.forward_passes` of real steps."""
+    if not zo_towers:
+        return 1
+    groups = zo_towers if zo.per_tower else 1
+    perturbed = zo.q * groups * (2 if zo.two_sided else 1) - (1 if zo.fo_at_perturbed else 0)
+    return 1 + perturbed + (2 if zo.update == "conservative" else 0)
+
+
 class HybridStep:
     """A training step for one model and plan. Build once per task (the FO optimizer lives here)."""
 

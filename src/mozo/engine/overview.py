@@ -1,0 +1,50 @@
+"""The one-screen plan of a run, printed before training: what will be trained how, and what it costs.
+
+Everything here is read from the objects the run will use (backbone, units, plan, configuration), so the
+screen cannot disagree with the run.
+"""
+from __future__ import annotations
+
+from mozo.engine.step import forwards_per_step
+
+
+def _modes_line(plan, modality: str) -> str:
+    layers = sorted(layer for (m, layer) in plan.modes if m == modality)
+    return " ".join(f"{layer}:{plan.mode(modality, layer)}" for layer in layers) or "(no units)"
+
+
+def run_overview(runner) -> str:
+    """A short, aligned text: backbone, units per tower and layer with their mode, ZO rule and epsilons,
+    trainable parameters per part, steps per task and forwards per step."""
+    cfg, model, plan = runner.cfg, runner.model, runner.plan
+    by_part: dict[str, int] = {}
+    for u in model.unit_list():
+        key = f"{u.info.modality} {plan.mode(u.info.modality, u.info.layer)}"
+        by_part[key] = by_part.get(key, 0) + sum(p.numel() for p in u.parameters())
+    zo_towers = [m for m in ("vision", "language") if plan.has("zo", m)]
+    steps = [runner.steps_for_task(t) for t in range(len(runner.tasks))]
+    p = cfg.peft
+    unit = f"{p.kind}, rank {p.rank}, {p.num_experts} experts" if p.kind == "moe" else (
+        f"lora, rank {p.lora_rank}, targets {','.join(p.lora_targets)}" if p.kind == "lora" else f"{p.kind}, rank {p.rank}")
+    lines = [
+        f"run       {cfg.name} -> {runner.out}",
+        f"backbone  {cfg.backbone} on {runner.device} ({cfg.train.precision}); {runner.scenario.protocol} "
+        f"{runner.scenario.name}, {len(runner.tasks)} tasks",
+        f"units     {unit}, towers {','.join(p.towers)}",
+        f"plan      {cfg.plan}",
+        *(f"  {m:<8}  {_modes_line(plan, m)}" for m in ("vision", "language")),
+        "params    " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_part.items())) + f" (trainable: {sum(v for k, v in by_part.items() if not k.endswith('frozen')):,})",
+    ]
+    if zo_towers:
+        z = cfg.zo
+        lines.append(f"ZO        rule {z.rule}, lr {z.lr:g}, q {z.q}, {'two' if z.two_sided else 'one'}-sided, {z.distribution}, "
+                     + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + (", one estimate per tower" if z.per_tower else ""))
+    if plan.has("fo"):
+        lines.append(f"FO        AdamW lr {cfg.train.lr:g}, weight decay {cfg.train.weight_decay:g}, {cfg.train.schedule}, "
+                     f"{cfg.train.warmup_iters} warm-up steps")
+    lines += [
+        f"steps     batch {cfg.train.batch_size}, {cfg.train.epochs} epoch(s); per task {', '.join(map(str, steps))} (total {sum(steps)})",
+        f"per step  {forwards_per_step(cfg.zo, len(zo_towers))} forward(s) of the loss, "
+        f"{1 if plan.has('fo') else 0} backward; world size {runner.dist.world_size}",
+    ]
+    return "\n".join(lines)

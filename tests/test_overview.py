@@ -1,0 +1,31 @@
+"""The one-screen plan `mozo run` prints: its forward count is the step's, its lines are the run's."""
+from __future__ import annotations
+
+import pytest
+
+from mozo.engine.step import HybridStep, forwards_per_step
+from mozo.zo.config import ZOConfig
+
+
+@pytest.mark.parametrize("plan,zo", [
+    ("fo", {}), ("vision-zo", {}), ("dual-zo", {}), ("dual-zo", {"per_tower": True}),
+    ("dual-zo", {"q": 2, "two_sided": True}), ("vision-zo", {"two_sided": True, "fo_at_perturbed": True}),
+    ("language-zo", {"rule": "conservative"}), ("dual:hop-odd", {"q": 3, "per_tower": True, "two_sided": True}),
+])
+def test_forwards_per_step_is_what_a_step_runs(make_model, batch, plan, zo):
+    cfg = ZOConfig(**zo)
+    step = HybridStep(make_model(), plan, cfg)
+    stats = step(*batch)
+    assert forwards_per_step(cfg, len(step.zo_towers)) == stats.forward_passes
+
+
+def test_mozo_run_prints_the_plan_before_training(tmp_path, capsys):
+    from mozo.cli import main as cli
+
+    assert cli(["run", "demo", "plan=vision:hop-even", "zo.rule=mozo", "max_steps_per_task=1", "num_tasks=1",
+                "eval_max_samples=4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("per step") < out.index("results:")
+    assert "vision    1:fo 2:zo 3:fo 4:zo" in out and "language  1:fo 2:fo 3:fo 4:fo" in out
+    assert "rule mozo" in out and "eps vision 0.0005" in out and "per task 1 (total 1)" in out
+    assert "per step  2 forward(s) of the loss, 1 backward" in out
