@@ -172,13 +172,16 @@ def test_ctrl_c_while_evaluating_stops_there(tmp_path, cifar, monkeypatch):
     full = run_experiment(_cfg(), tmp_path / "full", data_root=cifar, progress=False)
     real = Runner.text_features
 
-    def interrupted(self, names):
-        self.request_stop()
+    def interrupted(self, names):  # Ctrl-C while the first test set after task 2 is evaluated
+        if self.state["task"] == 1:
+            self.request_stop()
         return real(self, names)
 
     monkeypatch.setattr(Runner, "text_features", interrupted)
     with pytest.raises(RunInterrupted, match="while evaluating"):
         run_experiment(_cfg(), tmp_path / "cut", data_root=cifar, progress=False)
+    state = load_checkpoint(tmp_path / "cut")[1]
+    assert state["task"] == 1 and state["trained"]  # stopped at the next test set, training kept
     monkeypatch.setattr(Runner, "text_features", real)
     resumed = run_experiment(_cfg(), tmp_path / "cut", data_root=cifar, progress=False, resume=True)
     assert resumed["acc_matrix"] == full["acc_matrix"]

@@ -135,7 +135,7 @@ class Runner:
         self.state: dict[str, Any] = {
             "task": 0, "trained": False, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
             "skipped_images": [], "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
-            "wall_time_s": 0.0, "step_times": [], "steps": 0, "optimizer": None, "zo_optimizer": None,
+            "wall_time_s": 0.0, "step_times": [], "steps": 0, "step": None,
         }
         self._n_tasks = n
         self._log_file = None
@@ -182,8 +182,7 @@ class Runner:
 
     def save(self, step: HybridStep | None) -> None:
         if step is not None:
-            self.state["optimizer"] = step.fo_optimizer.state_dict() if step.fo_optimizer else None
-            self.state["zo_optimizer"] = step.zo_optimizer.state_dict() if step.zo_optimizer else None
+            self.state["step"] = step.state_dict()
             self.state["zo_step"] = step.step_index
         failed = None
         if self.dist.is_main:
@@ -273,13 +272,9 @@ class Runner:
     def make_step(self, t: int) -> HybridStep:
         step = HybridStep(self.model, self.plan, self.cfg.zo, fo_lr=self.cfg.train.lr, fo_weight_decay=self.cfg.train.weight_decay,
                           seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision,
-                          reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads)
-        step.step_index = self.state["zo_step"]
-        step.noise_rank = self.dist.rank
-        if self.state["optimizer"] is not None and step.fo_optimizer is not None:
-            step.fo_optimizer.load_state_dict(self.state["optimizer"])
-        if self.state["zo_optimizer"] is not None and step.zo_optimizer is not None:
-            step.zo_optimizer.load_state_dict(self.state["zo_optimizer"])
+                          reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads, noise_rank=self.dist.rank)
+        # mid-task: the step's own state; at a task's start, a fresh optimizer and the run's seed counter
+        step.load_state_dict(self.state["step"] or {"step_index": self.state["zo_step"]})
         return step
 
     def steps_for_task(self, t: int) -> int:
@@ -313,10 +308,7 @@ class Runner:
                     break
                 self._count_skipped("train", t, skipped)
                 factor = lr_factor(done, total, cfg.train.warmup_iters, cfg.train.schedule)
-                if step.fo_optimizer is not None:
-                    for group in step.fo_optimizer.param_groups:
-                        group["lr"] = cfg.train.lr * factor
-                step.zo_lr = cfg.zo.lr * factor
+                step.set_lr(cfg.train.lr * factor, cfg.zo.lr * factor)
                 start = time.perf_counter()
                 try:
                     stats = step(pixels.to(self.device), labels.to(self.device), text_inputs)
@@ -326,7 +318,7 @@ class Runner:
                         bar.close()
                         raise RunFailed(self._nonfinite_advice(f"{exc} (task {t + 1}, step {done + 1})")) from None
                     self.state["skipped_nonfinite"] += 1
-                    step.step_index += 1
+                    step.skip()
                     stats = None
                 elapsed = time.perf_counter() - start
                 self.state["batch"] += 1
@@ -391,7 +383,7 @@ class Runner:
                     self.train_task(t)
                     # Checkpoint the trained units before evaluating: a failure while evaluating loses no training,
                     # and a resume re-runs only the evaluation.
-                    self.state.update(trained=True, epoch=0, batch=0, optimizer=None, zo_optimizer=None)
+                    self.state.update(trained=True, epoch=0, batch=0, step=None)
                     self.state["wall_time_s"] = time.perf_counter() - t0
                     self.save(None)
                 row = self.evaluate_after(t)

@@ -66,7 +66,7 @@ class HybridStep:
                  fo_weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = F.cross_entropy,
                  precision: str = "fp32",
                  reduce_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None):
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None, noise_rank: int = 0):
         self.model = model
         self.plan = plan_for_model(plan, model) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
@@ -74,7 +74,7 @@ class HybridStep:
         self.reduce_scalars = reduce_scalars or (lambda t: t)
         self.reduce_grads = reduce_grads
         self.step_index = 0  # the ZO seed counter: checkpoints store it
-        self.noise_rank = 0  # data-parallel rank: dropout/router noise differs per rank (rank 0 = one-process stream)
+        self.noise_rank = noise_rank  # data-parallel rank: dropout/router noise differs per rank (rank 0 = one-process stream)
         self._nonfinite: Optional[str] = None
         self.zo_lr = self.zo.lr
 
@@ -98,6 +98,30 @@ class HybridStep:
                             and all(getattr(u, "p", 0.0) <= 0.0 and not getattr(u, "noisy", False) for u in lang_units))
         self._text_params = [p for u in lang_units for p in u.parameters()]
         self._text_cache: Optional[tuple[dict, tuple, torch.Tensor]] = None  # (prompt tensors, unit versions, features)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue this step bitwise: the ZO seed counter and the optimizer states."""
+        return {"step_index": self.step_index,
+                "fo_optimizer": self.fo_optimizer.state_dict() if self.fo_optimizer else None,
+                "zo_optimizer": self.zo_optimizer.state_dict() if self.zo_optimizer else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step_index"])
+        for name in ("fo_optimizer", "zo_optimizer"):
+            if state.get(name) is not None and getattr(self, name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+
+    def set_lr(self, fo: float, zo: float) -> None:
+        """Learning rates of this step (schedules call it before every step)."""
+        if self.fo_optimizer is not None:
+            for group in self.fo_optimizer.param_groups:
+                group["lr"] = fo
+        self.zo_lr = zo
+
+    def skip(self) -> None:
+        """Advance the seed counter without a step (a skipped non-finite batch): later steps keep their seeds."""
+        self.step_index += 1
 
     # -- helpers ---------------------------------------------------------------------------------
     def _autocast(self):
