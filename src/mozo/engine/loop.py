@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mozo.backbone.clip import load_backbone
+from mozo.bench.memory import live_state_tensors, measure_peak, storage_bytes
 from mozo.data.loader import TransformedDataset, make_loader
 from mozo.data.scenario import Scenario
 from mozo.data.transforms import make_transform
@@ -135,7 +136,7 @@ class Runner:
         self.state: dict[str, Any] = {
             "task": 0, "trained": False, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
             "skipped_images": [], "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
-            "wall_time_s": 0.0, "step_times": [], "steps": 0, "step": None,
+            "wall_time_s": 0.0, "step_times": [], "steps": 0, "step": None, "step_peak_bytes": {},
         }
         self._n_tasks = n
         self._log_file = None
@@ -311,7 +312,11 @@ class Runner:
                 step.set_lr(cfg.train.lr * factor, cfg.zo.lr * factor)
                 start = time.perf_counter()
                 try:
-                    stats = step(pixels.to(self.device), labels.to(self.device), text_inputs)
+                    pixels, labels = pixels.to(self.device), labels.to(self.device)
+                    if done == min(1, total - 1):  # once per task, after the optimizer state exists, as mozo bench does
+                        stats = self._measured_step(t, step, pixels, labels, text_inputs)
+                    else:
+                        stats = step(pixels, labels, text_inputs)
                 except NonFiniteLossError as exc:
                     if not cfg.train.skip_nonfinite:
                         self.log("nonfinite", task=t, batch=self.state["batch"], message=str(exc))
@@ -353,6 +358,14 @@ class Runner:
         bar.close()
         self.state["zo_step"] = step.step_index
         self._check_skipped_fraction(t, self.state["skipped_nonfinite"] - skipped_before, total)
+
+    def _measured_step(self, t: int, step: HybridStep, pixels, labels, text_inputs):
+        """One training step with its live-tensor peak above the model's parameters recorded (the figure
+        `mozo bench` reports; on a CPU the process's RSS cannot tell plans apart, docs/benchmarks.md)."""
+        state = live_state_tensors(self.model, pixels, labels, text_inputs, step.fo_optimizer, step.zo_optimizer)
+        stats, mem = measure_peak(lambda: step(pixels, labels, text_inputs), self.device, state)
+        self.state["step_peak_bytes"][str(t)] = mem.peak_bytes - storage_bytes(self.model.parameters())
+        return stats
 
     def _check_skipped_fraction(self, t: int, skipped: int, steps: int) -> None:
         """train.skip_nonfinite tolerates a few bad batches, not a task that mostly did not train."""
@@ -425,6 +438,9 @@ class Runner:
         return {
             "trainable_params": {"total": counts["total"], "by_part": by_mode, "by_kind": counts},
             "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
+            # per task, one training step's live tensors above the model's parameters (as `mozo bench` measures)
+            "step_peak_bytes": [s["step_peak_bytes"].get(str(t)) for t in range(len(self.tasks))],
+            "step_peak_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_live_tensors",
             "wall_time_s": s["wall_time_s"], "step_time_s": statistics.median(s["step_times"]) if s["step_times"] else None,
             "steps": s["steps"], "forward_passes": s["forward_passes"], "backward_passes": s["backward_passes"],
             "tower_forwards": s["tower_forwards"], "skipped_nonfinite_steps": s["skipped_nonfinite"],
