@@ -9,7 +9,7 @@ ones CLIP's prompts use (ZSCL's lists where they differ from the folder names).
 
 Three datasets have no official split (Caltech101, EuroSAT, SUN397) and three have an official
 validation split (Aircraft, DTD, Flowers). `split_rule` decides both, see `SPLIT_RULES`; the layouts
-and rules are described in docs/datasets_mtcl.md.
+and rules are described in docs/datasets.md (section "Multi-domain (MTCL) datasets").
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from mozo.data.base import DatasetLayoutError, LabelledImages
+from mozo.data.base import DatasetLayoutError, LabelledImages, LabelRangeError, contained, read_text, utf8_name
 
 SPLIT_RULES = ("stratified", "zscl")
 """How splits are made where the dataset leaves a choice.
@@ -65,10 +65,17 @@ def _require(path: Path, dataset: str, expected: str) -> Path:
     return path
 
 
+def _numbered_lines(path: Path, dataset: str, expected: str) -> list[tuple[int, str]]:
+    """(line number, stripped line) of the non-empty, non-comment lines of a split / class list file; the
+    numbers let an error name the line it is about."""
+    text = read_text(_require(path, dataset, expected), dataset, expected)
+    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def _read_lines(path: Path, dataset: str, expected: str) -> list[str]:
     """Non-empty, non-comment lines of a split / class list file."""
-    text = _require(path, dataset, expected).read_text(encoding="utf-8", errors="replace")
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [ln for _, ln in _numbered_lines(path, dataset, expected)]
 
 
 def _loadmat(path: Path, dataset: str, expected: str) -> dict:
@@ -82,23 +89,26 @@ def _spaces(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, dataset: str) -> list[Path]:
     """Sorted image files of one folder (not recursive, no stat per file: SUN397 has 100k images);
-    hidden files such as macOS's ._foo.jpg are skipped."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    hidden files such as macOS's ._foo.jpg are skipped, a name that is not UTF-8 is an error."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    for p in files:
+        utf8_name(p, dataset)
+    return sorted(files)
 
 
 def _class_folders(folder: Path, dataset: str, exclude: Iterable[str] = ()) -> tuple[list[Path], list[int], list[str]]:
     """The "one sub-folder per class" layout: (sorted paths, labels, sorted folder names)."""
     skip = set(exclude)
-    classes = sorted(d.name for d in folder.iterdir()
+    classes = sorted(utf8_name(d, dataset) for d in folder.iterdir()
                      if d.is_dir() and d.name not in skip and not d.name.startswith("."))
     if not classes:
         raise DatasetLayoutError(folder, "one sub-folder of images per class", dataset)
     sources: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        files = _image_files(folder / cls)
+        files = _image_files(folder / cls, dataset)
         sources += files
         labels += [label] * len(files)
     return sources, labels, classes
@@ -111,13 +121,23 @@ def _check_first(sources: Sequence, dataset: str, expected: str) -> None:
 
 
 def _make(dataset: str, split: str, sources: Sequence, labels: Sequence[int], classnames: list[str],
-          where: Path, **meta) -> LabelledImages:
-    """Build the LabelledImages of one split; `where` (the dataset folder) is named if the split is empty."""
+          where: Path, labels_from: Path | None = None, label_base: int = 0, **meta) -> LabelledImages:
+    """Build the LabelledImages of one split; `where` (the dataset folder) is named if the split is empty.
+
+    A label outside the class list is an error naming `labels_from` (the file the labels were read
+    from, `where` if not given) and the label as written there (`label_base` 1 for 1-based files).
+    """
     if len(labels) == 0:
         raise DatasetLayoutError(where, f"at least one {split} image", dataset)
     _check_first(sources, dataset, "the image files named by the dataset's lists / folders")
-    return LabelledImages(sources, np.asarray(labels, dtype=np.int64), classnames, name=dataset,
-                          meta={"dataset": dataset, "split": split, **meta})
+    try:
+        return LabelledImages(sources, np.asarray(labels, dtype=np.int64), classnames, name=dataset,
+                              meta={"dataset": dataset, "split": split, **meta})
+    except LabelRangeError as exc:
+        n = len(classnames)
+        raise DatasetLayoutError(labels_from or where, f"{split} labels {label_base}..{n - 1 + label_base} for "
+                                 f"the {n} classes; entry {exc.index} has label {exc.label + label_base} "
+                                 f"({exc.count} out of range in all)", dataset) from None
 
 
 def _lookup(index: dict[str, int], names: Iterable[str], listed_in: Path, dataset: str) -> list[int]:
@@ -204,10 +224,16 @@ def read_aircraft(root: Path, split_rule: str = "stratified") -> Splits:
 
     def part(name: str, split: str) -> LabelledImages:
         listing = data / f"images_variant_{name}.txt"
-        rows = sorted(ln.split(" ", 1) for ln in _read_lines(listing, key, "lines '<image id> <variant>'"))
-        labels = _lookup(index, (variant.strip() for _, variant in rows), listing, key)
-        return _make(key, split, [data / "images" / f"{img}.jpg" for img, _ in rows], labels, classes,
-                     where=data, source_split=name)
+        rows = []
+        for n, ln in _numbered_lines(listing, key, "lines '<image id> <variant>'"):
+            img, _, variant = ln.partition(" ")
+            if not variant.strip():
+                raise DatasetLayoutError(listing, f"lines '<image id> <variant>'; line {n} is {ln!r}", key)
+            rows.append((img, variant.strip(), n))
+        rows.sort()
+        sources = [contained(data / "images", f"{img}.jpg", listing, key, n) for img, _, n in rows]
+        labels = _lookup(index, (variant for _, variant, _ in rows), listing, key)
+        return _make(key, split, sources, labels, classes, where=data, source_split=name)
 
     return part("trainval" if split_rule == "stratified" else "train", "train"), part("test", "test")
 
@@ -236,17 +262,22 @@ def read_dtd(root: Path, split_rule: str = "stratified") -> Splits:
     base = _find_dir(Path(root), ["dtd", "dtd/dtd"], key, "dtd/ with images/<class>/*.jpg and labels/",
                      contains="images")
 
-    def lines(*names: str) -> list[str]:
-        return sorted(ln for n in names for ln in _read_lines(base / "labels" / f"{n}1.txt", key,
-                                                               "lines '<class>/<file>.jpg'"))
+    def lines(*names: str) -> list[tuple[str, Path]]:
+        """Sorted (line, image path) of label files, each path checked to stay inside images/."""
+        rows = []
+        for name in names:
+            listing = base / "labels" / f"{name}1.txt"
+            rows += [(ln, contained(base / "images", ln, listing, key, n))
+                     for n, ln in _numbered_lines(listing, key, "lines '<class>/<file>.jpg'")]
+        return sorted(rows)
 
     train_lines = lines("train", "val") if split_rule == "stratified" else lines("train")
     test_lines = lines("test")
-    classes = sorted({ln.split("/", 1)[0] for ln in train_lines + test_lines})
+    classes = sorted({ln.split("/", 1)[0] for ln, _ in train_lines + test_lines})
     index = {c: i for i, c in enumerate(classes)}
 
-    def part(rows: list[str], split: str) -> LabelledImages:
-        return _make(key, split, [base / "images" / r for r in rows], [index[r.split("/", 1)[0]] for r in rows],
+    def part(rows: list[tuple[str, Path]], split: str) -> LabelledImages:
+        return _make(key, split, [path for _, path in rows], [index[ln.split("/", 1)[0]] for ln, _ in rows],
                      [_spaces(c) for c in classes], where=base)
 
     return part(train_lines, "train"), part(test_lines, "test")
@@ -275,8 +306,12 @@ def read_flowers(root: Path, split_rule: str = "stratified") -> Splits:
 
     def part(ids_keys: Sequence[str], split: str) -> LabelledImages:
         ids = np.sort(np.concatenate([np.atleast_1d(setid[k]).astype(np.int64) for k in ids_keys]))
+        if len(ids) and (ids[0] < 1 or ids[-1] > len(labels)):  # id 0 would silently take the last label
+            bad = ids[0] if ids[0] < 1 else ids[-1]
+            raise DatasetLayoutError(folder / "setid.mat", f"image ids 1..{len(labels)} (one per label of "
+                                     f"imagelabels.mat) in {list(ids_keys)}; found {bad}", key)
         return _make(key, split, [folder / "jpg" / f"image_{i:05d}.jpg" for i in ids], labels[ids - 1], classes,
-                     where=folder)
+                     where=folder, labels_from=folder / "imagelabels.mat", label_base=1)
 
     train_keys = ("trnid", "valid") if split_rule == "stratified" else ("trnid",)
     return part(train_keys, "train"), part(("tstid",), "test")
@@ -291,25 +326,39 @@ def read_food(root: Path) -> Splits:
 
     def part(split: str) -> LabelledImages:
         listing = folder / "meta" / f"{split}.txt"
-        rows = sorted(_read_lines(listing, key, "lines '<class>/<id>'"))
-        labels = _lookup(index, (r.split("/", 1)[0] for r in rows), listing, key)
-        return _make(key, split, [folder / "images" / f"{r}.jpg" for r in rows], labels,
-                     [_spaces(c) for c in classes], where=folder)
+        rows = sorted((ln, n) for n, ln in _numbered_lines(listing, key, "lines '<class>/<id>'"))
+        sources = [contained(folder / "images", f"{r}.jpg", listing, key, n) for r, n in rows]
+        labels = _lookup(index, (r.split("/", 1)[0] for r, _ in rows), listing, key)
+        return _make(key, split, sources, labels, [_spaces(c) for c in classes], where=folder)
 
     return part("train"), part("test")
 
 
-def _read_idx(path: Path, dataset: str) -> np.ndarray:
-    """Parse an MNIST idx file (optionally .gz): magic (2 zero bytes, dtype code, ndim), big-endian dims."""
+def _read_idx(path: Path, dataset: str, ndim: int) -> np.ndarray:
+    """Parse an MNIST idx file (optionally .gz): magic (2 zero bytes, dtype code, ndim), big-endian dims.
+
+    The header must announce `ndim` dimensions and the file must hold exactly the bytes they multiply
+    to: a truncated download is then named as such instead of failing inside numpy.
+    """
     if not path.exists() and path.with_name(path.name + ".gz").exists():
         path = path.with_name(path.name + ".gz")
-    with (gzip.open if path.suffix == ".gz" else open)(_require(path, dataset, "an idx file (or .gz)"), "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetLayoutError(path, "an idx file of unsigned bytes (magic 0x0000080N)", dataset)
-    ndim = raw[3]
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(_require(path, dataset, "an idx file (or .gz)"), "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # a truncated or damaged .gz
+        raise DatasetLayoutError(path, f"a complete idx file ({type(exc).__name__}: {exc})", dataset) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        raise DatasetLayoutError(path, f"an idx file of unsigned bytes with {ndim} dimensions "
+                                       f"(magic 0x0000080{ndim})", dataset)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetLayoutError(path, f"a {header}-byte idx header, got {len(raw)} bytes (truncated file?)", dataset)
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    size = header + int(np.prod(shape, dtype=np.int64))
+    if len(raw) != size:
+        raise DatasetLayoutError(path, f"{size} bytes for the header's shape {shape}, got {len(raw)} bytes "
+                                       f"({'truncated file?' if len(raw) < size else 'trailing data'})", dataset)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def read_mnist(root: Path) -> Splits:
@@ -318,9 +367,13 @@ def read_mnist(root: Path) -> Splits:
     raw = _find_dir(Path(root), ["MNIST/raw"], key, "MNIST/raw/ with the four idx files")
 
     def part(prefix: str, split: str) -> LabelledImages:
-        images = _read_idx(raw / f"{prefix}-images-idx3-ubyte", key)
-        labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte", key)
-        return _make(key, split, images, labels, [str(d) for d in range(10)], where=raw)
+        images = _read_idx(raw / f"{prefix}-images-idx3-ubyte", key, ndim=3)
+        labels_file = raw / f"{prefix}-labels-idx1-ubyte"
+        labels = _read_idx(labels_file, key, ndim=1)
+        if len(images) != len(labels):
+            raise DatasetLayoutError(labels_file, f"one label per image of {prefix}-images-idx3-ubyte "
+                                                  f"({len(images)}), got {len(labels)}", key)
+        return _make(key, split, images, labels, [str(d) for d in range(10)], where=raw, labels_from=labels_file)
 
     return part("train", "train"), part("t10k", "test")
 
@@ -331,23 +384,32 @@ def read_oxfordpet(root: Path) -> Splits:
     folder = _find_dir(Path(root), ["oxford-iiit-pet"], key, "oxford-iiit-pet/ with images/ and annotations/")
     _require(folder / "images", key, "images/<Breed_name>_<n>.jpg")
 
-    def rows(split: str) -> list[tuple[str, int]]:
-        lines = _read_lines(folder / "annotations" / f"{split}.txt", key,
-                            "lines '<image id> <class id> <species> <breed id>'")
-        return sorted((ln.split()[0], int(ln.split()[1]) - 1) for ln in lines)
+    expected = "lines '<image id> <class id> <species> <breed id>'"
+
+    def rows(split: str) -> list[tuple[str, int, Path]]:
+        """Sorted (image id, 0-based label, image path) of one annotation file."""
+        listing = folder / "annotations" / f"{split}.txt"
+        out = []
+        for n, ln in _numbered_lines(listing, key, expected):
+            fields = ln.split()
+            if len(fields) < 2 or not fields[1].isdigit():
+                raise DatasetLayoutError(listing, f"{expected}; line {n} is {ln!r}", key)
+            image = contained(folder / "images", f"{fields[0]}.jpg", listing, key, n)
+            out.append((fields[0], int(fields[1]) - 1, image))
+        return sorted(out)
 
     train_rows, test_rows = rows("trainval"), rows("test")
     prefixes: dict[int, str] = {}
-    for image_id, label in train_rows + test_rows:
+    for image_id, label, _ in train_rows + test_rows:
         prefixes.setdefault(label, image_id.rsplit("_", 1)[0])
     classes = [" ".join(w.title() for w in prefixes.get(i, f"pet_{i + 1}").split("_"))
                for i in range(max(prefixes) + 1)]
 
-    def part(split_rows: list[tuple[str, int]], split: str) -> LabelledImages:
-        return _make(key, split, [folder / "images" / f"{i}.jpg" for i, _ in split_rows],
-                     [label for _, label in split_rows], classes, where=folder)
+    def part(split_rows: list[tuple[str, int, Path]], split: str, listing: str) -> LabelledImages:
+        return _make(key, split, [path for _, _, path in split_rows], [label for _, label, _ in split_rows],
+                     classes, where=folder, labels_from=folder / "annotations" / listing, label_base=1)
 
-    return part(train_rows, "train"), part(test_rows, "test")
+    return part(train_rows, "train", "trainval.txt"), part(test_rows, "test", "test.txt")
 
 
 def read_stanfordcars(root: Path) -> Splits:
@@ -362,7 +424,9 @@ def read_stanfordcars(root: Path) -> Splits:
         _require(folder / images, key, f"{images}/<fname>.jpg")
         records = np.atleast_1d(_loadmat(annos, key, "'annotations' with 'fname' and 'class' (1-based)")["annotations"])
         rows = sorted((str(r["fname"]), int(r["class"]) - 1) for r in records)
-        return _make(key, split, [folder / images / f for f, _ in rows], [c for _, c in rows], classes, where=folder)
+        sources = [contained(folder / images, f, annos, key) for f, _ in rows]
+        return _make(key, split, sources, [c for _, c in rows], classes, where=folder, labels_from=annos,
+                     label_base=1)
 
     return (part(folder / "devkit" / "cars_train_annos.mat", "cars_train", "train"),
             part(folder / "cars_test_annos_withlabels.mat", "cars_test", "test"))
@@ -372,11 +436,14 @@ def read_sun397(root: Path, split_rule: str = "stratified") -> Splits:
     """SUN397 (397 scene classes listed in ClassName.txt); no official 80/20 split (see SPLIT_RULES)."""
     key = "sun397"
     folder = _find_dir(Path(root), ["SUN397"], key, "SUN397/ with ClassName.txt and <letter>/<class>/*.jpg")
-    class_paths = _read_lines(folder / "ClassName.txt", key, "lines '/a/abbey'")
+    listing = folder / "ClassName.txt"
+    numbered = _numbered_lines(listing, key, "lines '/a/abbey'")
+    class_paths = [cls for _, cls in numbered]
     sources: list[Path] = []
     labels: list[int] = []
-    for label, cls in enumerate(class_paths):
-        files = _image_files(_require(folder / cls.strip("/"), key, f"the images of class {cls}"))
+    for label, (n, cls) in enumerate(numbered):
+        class_dir = contained(folder, cls.strip("/"), listing, key, n)
+        files = _image_files(_require(class_dir, key, f"the images of class {cls}"), key)
         sources += files
         labels += [label] * len(files)
     # "/a/apartment_building/outdoor" -> "apartment building outdoor": drop the letter level.

@@ -11,6 +11,8 @@ what was expected there. The layouts are drawn in docs/datasets.md.
 """
 from __future__ import annotations
 
+import builtins
+import codecs
 import hashlib
 import math
 import pickle
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import DatasetLayoutError, LabelledImages
+from .base import DatasetLayoutError, LabelledImages, contained, read_text, utf8_name
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _WNID = re.compile(r"^n\d{8}$")
@@ -34,9 +36,13 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name so every machine lists them in the same order."""
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+def list_images(folder: Path, dataset: str) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name so every machine lists them in the same order;
+    a name that is not UTF-8 is an error (see `utf8_name`)."""
+    files = [p for p in folder.iterdir() if is_image_file(p)]
+    for p in files:
+        utf8_name(p, dataset)
+    return sorted(files, key=lambda p: p.name)
 
 
 def list_subdirs(folder: Path) -> list[Path]:
@@ -80,12 +86,68 @@ def _folder_classname(folder_name: str) -> str:
 CIFAR100 = "CIFAR-100"
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes with protocols 0-2, limited to that one use."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused to load _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, encoding)
+
+
+def _cifar_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR pickle needs: numpy's array/dtype reconstruction and builtin containers.
+
+    The numpy helpers are taken from numpy's own reduce output, so whichever numpy is installed, and
+    both module spellings (numpy.core in pickles from numpy 1 and Python 2, numpy._core from numpy 2)
+    resolve to them without importing anything.
+    """
+    reconstruct = np.empty(0).__reduce__()[0]
+    frombuffer = np.empty(1).__reduce_ex__(5)[0]  # protocol 5 pickles arrays with _frombuffer
+    scalar = np.int64(0).__reduce__()[0]  # numpy scalars, e.g. labels stored as np.int64
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    for module in ("builtins", "__builtin__"):
+        for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray"):
+            allowed[(module, name)] = getattr(builtins, name)
+    return allowed
+
+
+_CIFAR_GLOBALS = _cifar_globals()
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside `_CIFAR_GLOBALS`."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python format and nothing else.
+
+    `find_class` is the only way a pickle reaches code (a `__reduce__` payload names `os.system` or
+    `builtins.exec` there), so refusing every global outside the short list means nothing in the file
+    is imported or run; the data itself (bytes, str, numbers, lists, dicts) uses native opcodes.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"refused to load {module}.{name}: CIFAR pickles hold only arrays, lists "
+                                 f"and strings") from None
+
+
 def _load_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Load one CIFAR python pickle (written by Python 2: latin1 decoding, keys may be bytes)."""
+    """Load one CIFAR python pickle (written by Python 2: latin1 decoding, keys may be bytes), with the
+    restricted `_CifarUnpickler`: a pickle can run code, these files need not."""
     _require_file(path, "the CIFAR-100 python pickle of this name (from cifar-100-python.tar.gz)", CIFAR100)
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="latin1")
+            raw = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise DatasetLayoutError(path, f"a plain CIFAR-100 python pickle; {exc} (nothing from the file "
+                                       f"was run)", CIFAR100) from None
     except Exception as exc:
         raise DatasetLayoutError(path, f"a readable CIFAR-100 python pickle ({type(exc).__name__}: {exc})",
                                  CIFAR100) from exc
@@ -138,11 +200,10 @@ def _read_words(path: Path, wnids: list[str]) -> dict[str, str]:
     _require_file(path, "words.txt: one line per wnid, '<wnid>\\t<name>, <synonym>, ...'", TINYIMAGENET)
     names: dict[str, str] = {}
     wanted = set(wnids)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t", 1)
-            if len(parts) == 2 and parts[0] in wanted:
-                names[parts[0]] = parts[1].split(",")[0].strip()
+    for line in read_text(path, TINYIMAGENET, "'<wnid>\\t<name>, <synonym>, ...' lines").splitlines():
+        parts = line.split("\t", 1)
+        if len(parts) == 2 and parts[0] in wanted:
+            names[parts[0]] = parts[1].split(",")[0].strip()
     missing = [w for w in wnids if w not in names]
     if missing:
         raise DatasetLayoutError(path, f"a name for every wnid of wnids.txt (missing {missing[:5]}"
@@ -160,7 +221,8 @@ def read_tinyimagenet(root: Path | str) -> Split:
     """
     base = _locate(root, "tiny-imagenet-200", "wnids.txt", "wnids.txt, words.txt, train/ and val/", TINYIMAGENET)
     wnids_file = _require_file(base / "wnids.txt", "wnids.txt: one wnid per line", TINYIMAGENET)
-    wnids = sorted({line.strip() for line in wnids_file.read_text(encoding="utf-8").splitlines() if line.strip()})
+    wnids_text = read_text(wnids_file, TINYIMAGENET, "one wnid per line")
+    wnids = sorted({line.strip() for line in wnids_text.splitlines() if line.strip()})
     if not wnids:
         raise DatasetLayoutError(wnids_file, "at least one wnid (one per line)", TINYIMAGENET)
     words = _read_words(base / "words.txt", wnids)
@@ -173,7 +235,7 @@ def read_tinyimagenet(root: Path | str) -> Split:
     for wnid in wnids:
         folder = _require_dir(train_dir / wnid / "images", f"the training images of class {wnid} (*.JPEG)",
                               TINYIMAGENET)
-        files = list_images(folder)
+        files = list_images(folder, TINYIMAGENET)
         if not files:
             raise DatasetLayoutError(folder, f"at least one image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
                                      TINYIMAGENET)
@@ -184,19 +246,20 @@ def read_tinyimagenet(root: Path | str) -> Split:
     val_images = _require_dir(val_dir / "images", "the validation images (*.JPEG)", TINYIMAGENET)
     ann = _require_file(val_dir / "val_annotations.txt",
                         "one line per validation image: '<file>\\t<wnid>\\t<x>\\t<y>\\t<w>\\t<h>'", TINYIMAGENET)
-    entries: list[tuple[str, int]] = []
-    with open(ann, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split("\t") if "\t" in line else line.split()
-            if len(parts) < 2 or parts[1].strip() not in index:
-                raise DatasetLayoutError(ann, f"'<file>\\t<wnid>...' with a wnid from wnids.txt; line {lineno} "
-                                              f"is {line.strip()!r}", TINYIMAGENET)
-            entries.append((parts[0].strip(), index[parts[1].strip()]))
-    entries.sort()
-    test_sources = [val_images / name for name, _ in entries]
-    test_labels = [label for _, label in entries]
+    entries: list[tuple[str, int, Path]] = []
+    ann_text = read_text(ann, TINYIMAGENET, "'<file>\\t<wnid>\\t<x>\\t<y>\\t<w>\\t<h>' lines")
+    for lineno, line in enumerate(ann_text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2 or parts[1].strip() not in index:
+            raise DatasetLayoutError(ann, f"'<file>\\t<wnid>...' with a wnid from wnids.txt; line {lineno} "
+                                          f"is {line.strip()!r}", TINYIMAGENET)
+        name = parts[0].strip()
+        entries.append((name, index[parts[1].strip()], contained(val_images, name, ann, TINYIMAGENET, lineno)))
+    entries.sort(key=lambda e: e[:2])
+    test_sources = [path for _, _, path in entries]
+    test_labels = [label for _, label, _ in entries]
     meta = {"root": str(base), "wnids": wnids}
     return (LabelledImages(train_sources, train_labels, classnames, "tinyimagenet", {**meta, "split": "train"}),
             LabelledImages(test_sources, test_labels, classnames, "tinyimagenet", {**meta, "split": "test"}))
@@ -306,7 +369,7 @@ def stratified_split(files: list[Path], seed: int, salt: str, test_fraction: flo
 def _read_classnames_file(path: Path) -> dict[str, str]:
     """Optional `classnames.txt`: one '<wnid> <readable name>' per line (name may contain spaces)."""
     names: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, IMAGENET_R, "'<wnid> <class name>' lines").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.strip().split(None, 1)
@@ -349,9 +412,9 @@ def read_imagenet_r(root: Path | str, seed: int = 0, test_fraction: float = 0.2)
     test_src: list[Path] = []
     test_lab: list[int] = []
     for label, folder in enumerate(class_dirs):
-        wnid = folder.name
+        wnid = utf8_name(folder, IMAGENET_R)
         classnames.append(custom.get(wnid) or IMAGENET_R_CLASSNAMES.get(wnid) or _folder_classname(wnid))
-        files = list_images(folder)
+        files = list_images(folder, IMAGENET_R)
         if not files:
             raise DatasetLayoutError(folder, f"at least one image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
                                      IMAGENET_R)
@@ -374,10 +437,10 @@ def _read_class_tree(folder: Path, index: dict[str, int]) -> tuple[list[Path], l
     sources: list[Path] = []
     labels: list[int] = []
     for class_dir in list_subdirs(folder):
-        if class_dir.name not in index:
+        if utf8_name(class_dir, IMAGEFOLDER) not in index:
             raise DatasetLayoutError(class_dir, f"a class folder that also exists under train/ "
                                                 f"(train classes: {sorted(index)[:10]}...)", IMAGEFOLDER)
-        files = list_images(class_dir)
+        files = list_images(class_dir, IMAGEFOLDER)
         sources += files
         labels += [index[class_dir.name]] * len(files)
     return sources, labels
@@ -402,7 +465,8 @@ def read_imagefolder(root: Path | str) -> Split:
     if not class_dirs:
         raise DatasetLayoutError(train_dir, "one sub-folder of images per class", IMAGEFOLDER)
     for class_dir in class_dirs:
-        if not list_images(class_dir):
+        utf8_name(class_dir, IMAGEFOLDER)
+        if not list_images(class_dir, IMAGEFOLDER):
             raise DatasetLayoutError(class_dir, f"at least one image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
                                      IMAGEFOLDER)
     index = {p.name: i for i, p in enumerate(class_dirs)}

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .base import to_rgb
+
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -106,8 +108,9 @@ def random_resized_crop_box(
 def to_normalized_tensor(
     img: Image.Image, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor [3, H, W]: scaled to [0, 1], then (x - mean) / std per channel."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    """PIL image -> float32 tensor [3, H, W]: RGB (`to_rgb`, which scales 16-bit images to 8 bits), scaled
+    to [0, 1], then (x - mean) / std per channel."""
+    arr = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -131,7 +134,7 @@ class ClipTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __call__(self, img: Image.Image, rng: Optional[Rng] = None) -> torch.Tensor:
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = to_rgb(img) if img.mode != "RGB" else img  # to_rgb: 16-bit images scaled, not saturated
         if self.train:
             if rng is None:
                 raise ValueError(
