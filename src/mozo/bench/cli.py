@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from mozo.backbone.clip import PROMPT_PADDINGS
 from mozo.bench.measure import INFERENCE, BenchSpec
-from mozo.zo.config import RULES
+from mozo.zo.rules import RULES
 
 DEFAULT_PLANS = "fo,dual-zo,vision-zo,language-zo"
 ISOLATIONS = ("forkserver", "subprocess")
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per measuring process (default: torch's choice; use 1 on a shared machine)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32 or bf16 autocast (default fp32)")
-    parser.add_argument("--rule", default="sgd", choices=RULES, help="ZO update rule (default sgd)")
+    parser.add_argument("--rule", default="sgd", choices=list(RULES), help="ZO update rule (default sgd)")
     parser.add_argument("--q", type=int, default=1, help="ZO directions per step (default 1)")
     parser.add_argument("--two-sided", action="store_true", help="two-sided ZO estimate")
     parser.add_argument("--fo-at-perturbed", action="store_true", help="two-sided, q=1: FO gradient taken at theta+eps z (one forward fewer)")

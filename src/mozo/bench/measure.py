@@ -140,7 +140,7 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
         cpu_times.append(time.process_time() - cpu_start)
 
     state = live_state_tensors(model, pixels, labels, text,
-                               step.fo_optimizer if step else None, step.zo_optimizer if step else None)
+                               step.fo_optimizer if step else None, step.rule.state_dict() if step else None)
     out, mem = measure_peak(run, device, state)
     params = list(model.parameters())
     with SavedTensorCounter(exclude=params) as saved:

@@ -362,7 +362,7 @@ class Runner:
     def _measured_step(self, t: int, step: HybridStep, pixels, labels, text_inputs):
         """One training step with its live-tensor peak above the model's parameters recorded (the figure
         `mozo bench` reports; on a CPU the process's RSS cannot tell plans apart, docs/benchmarks.md)."""
-        state = live_state_tensors(self.model, pixels, labels, text_inputs, step.fo_optimizer, step.zo_optimizer)
+        state = live_state_tensors(self.model, pixels, labels, text_inputs, step.fo_optimizer, step.rule.state_dict())
         stats, mem = measure_peak(lambda: step(pixels, labels, text_inputs), self.device, state)
         self.state["step_peak_bytes"][str(t)] = mem.peak_bytes - storage_bytes(self.model.parameters())
         return stats

@@ -29,7 +29,7 @@ from mozo.peft.inject import MozoCLIP
 from mozo.zo.config import ZOConfig
 from mozo.zo.directions import mix_seed, modality_seed, perturb_
 from mozo.zo.plan import Plan, plan_for_model
-from mozo.zo.rules import IN_PLACE_RULES, ZORecord, apply_update, estimate_
+from mozo.zo.rules import UpdateContext, ZORecord, get_rule
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,12 +51,12 @@ class StepStats:
 def forwards_per_step(zo: ZOConfig, zo_towers: int, cached_text: bool = False) -> int:
     """Loss evaluations one step makes: the first forward, then per direction and ZO group one perturbed
     forward (two two-sided, the first of which is the first forward under zo.fo_at_perturbed), plus the two
-    candidate losses of rule=conservative. Tested against `StepStats.forward_passes` of real steps."""
+    loss evaluations the rule's update makes (`Rule.extra_forwards`: two for conservative). Tested against `StepStats.forward_passes` of real steps."""
     if not zo_towers:
         return 1
     groups = zo_towers if zo.per_tower else 1
     perturbed = zo.q * groups * (2 if zo.two_sided else 1) - (1 if zo.fo_at_perturbed else 0)
-    return 1 + perturbed + (2 if zo.update == "conservative" else 0)
+    return 1 + perturbed + get_rule(zo.rule).extra_forwards
 
 
 class HybridStep:
@@ -88,8 +88,7 @@ class HybridStep:
         # 0-based index of the lowest ZO layer per tower: perturbed forwards start there.
         self.capture_at = {m: (min(u.info.layer for u in units["zo"] if u.info.modality == m) - 1 if m in self.zo_towers else None) for m in MODALITIES}
         self.fo_optimizer = torch.optim.AdamW(self.fo_params, lr=fo_lr, weight_decay=fo_weight_decay) if self.fo_params else None
-        all_zo = [p for m in self.zo_towers for p in self.zo_params[m]]
-        self.zo_optimizer = torch.optim.AdamW(all_zo, lr=self.zo.lr, weight_decay=self.zo.weight_decay) if (self.zo.update == "adamw" and all_zo) else None
+        self.rule = get_rule(self.zo.rule)({m: self.zo_params[m] for m in self.zo_towers}, lr=self.zo.lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
         # reused while the prompts stay the same (docs/benchmarks.md, optimisation 2).
@@ -102,15 +101,14 @@ class HybridStep:
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue this step bitwise: the ZO seed counter and the optimizer states."""
-        return {"step_index": self.step_index,
-                "fo_optimizer": self.fo_optimizer.state_dict() if self.fo_optimizer else None,
-                "zo_optimizer": self.zo_optimizer.state_dict() if self.zo_optimizer else None}
+        return {"step_index": self.step_index, "fo_optimizer": self.fo_optimizer.state_dict() if self.fo_optimizer else None,
+                "rule": self.rule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_index = int(state["step_index"])
-        for name in ("fo_optimizer", "zo_optimizer"):
-            if state.get(name) is not None and getattr(self, name) is not None:
-                getattr(self, name).load_state_dict(state[name])
+        if state.get("fo_optimizer") is not None and self.fo_optimizer is not None:
+            self.fo_optimizer.load_state_dict(state["fo_optimizer"])
+        self.rule.load_state_dict(state.get("rule") or {})
 
     def set_lr(self, fo: float, zo: float) -> None:
         """Learning rates of this step (schedules call it before every step)."""
@@ -268,34 +266,11 @@ class HybridStep:
 
     @torch.no_grad()
     def _zo_update(self, record: ZORecord, cache: dict, feats: dict, labels: torch.Tensor, loss0: torch.Tensor, counts: Counter) -> None:
-        rule, lr = record.rule, self.zo_lr
-        mseeds = {m: [modality_seed(s, m) for s in record.seeds] for m in self.zo_towers}
-        if rule in IN_PLACE_RULES or rule == "sign":
-            for m in self.zo_towers:
-                apply_update(self.zo_params[m], mseeds[m], record.coefs[m], lr, rule, record.distribution)
-            return
-        grads = {m: estimate_(self.zo_params[m], mseeds[m], record.coefs[m], record.distribution) for m in self.zo_towers}
-        if rule == "adamw":
-            for m in self.zo_towers:
-                for p, g in zip(self.zo_params[m], grads[m]):
-                    p.grad = g
-            for group in self.zo_optimizer.param_groups:
-                group["lr"] = lr
-            self.zo_optimizer.step()
-            self.zo_optimizer.zero_grad(set_to_none=True)
-            return
-        # conservative: compare theta - lr g, theta + lr g and theta on this batch, keep the best.
-        def move(scale: float) -> None:
-            for m in self.zo_towers:
-                for p, g in zip(self.zo_params[m], grads[m]):
-                    p.add_(g, alpha=scale)
+        """The rule object applies the estimate; it may evaluate the loss at the groups' current values."""
+        def evaluate() -> torch.Tensor:
+            self.model.noise.seed = self._noise_seed(record.step)
+            return self._zo_loss(cache, feats, labels, counts, self.zo_towers)
 
-        move(-lr)
-        self.model.noise.seed = self._noise_seed(record.step)
-        minus = self._zo_loss(cache, feats, labels, counts, self.zo_towers)
-        move(2 * lr)
-        plus = self._zo_loss(cache, feats, labels, counts, self.zo_towers)
-        losses = self.reduce_scalars(torch.stack([loss0.float(), minus.float(), plus.float()]))
-        choice = int(torch.argmin(losses))
-        move(-lr if choice == 0 else (-2 * lr if choice == 1 else 0.0))
-        record.extra["conservative_choice"] = ("stay", "minus", "plus")[choice]
+        mseeds = {m: [modality_seed(s, m) for s in record.seeds] for m in self.zo_towers}
+        record.extra.update(self.rule.apply(mseeds, record.coefs, self.zo_lr, record.distribution,
+                                            UpdateContext(evaluate=evaluate, loss0=loss0, reduce=self.reduce_scalars)))
