@@ -21,6 +21,7 @@ class ZOConfig:
       conservative  try theta - lr*g and theta + lr*g, keep whichever of them and theta has the lowest loss
       adamw         torch AdamW applied to g as if it were a gradient
       mozo          `sign` with eps_vision < eps_language (modality-aware ZO of the paper)
+      noise         mozo's perturbations and step size along random coefficients: the null control
     with c_d = (L(theta + eps*z_d) - L(theta)) / eps (one-sided, the paper's Eq. 2) or
     (L(theta + eps*z_d) - L(theta - eps*z_d)) / (2*eps) (two-sided).
 

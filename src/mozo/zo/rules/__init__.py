@@ -7,11 +7,12 @@ from mozo.zo.rules.adamw import AdamW
 from mozo.zo.rules.base import Groups, Rule, UpdateContext, ZORecord, estimate_
 from mozo.zo.rules.conservative import Conservative
 from mozo.zo.rules.mozo import MOZO_EPS, MoZO
+from mozo.zo.rules.noise import Noise
 from mozo.zo.rules.sgd import SGD
 from mozo.zo.rules.sign import Sign
 from mozo.zo.rules.sign_scalar import SignScalar
 
-RULES: dict[str, type[Rule]] = {r.name: r for r in (SGD, Sign, SignScalar, Conservative, AdamW, MoZO)}
+RULES: dict[str, type[Rule]] = {r.name: r for r in (SGD, Sign, SignScalar, Conservative, AdamW, MoZO, Noise)}
 
 
 class UnknownRuleError(ValueError):
