@@ -15,6 +15,7 @@ COMMANDS = {
     "metrics": ("mozo.metrics.cli", "recompute the summary (Last, Avg, Transfer, BWT, forgetting) of a results.json"),
     "report": ("mozo.report.cli", "comparison table and plots of run directories"),
     "diagnose": ("mozo.diagnostics.cli", "ZO estimate variance and cosine with autograd per modality and layer"),
+    "study": ("mozo.study.cli", "plans against their controls (ZO frozen, null rule) over seeds: paired differences with CIs"),
     "sweep": ("mozo.diagnostics.sweep", "grid over MoZO epsilons and learning rate on the demo stream"),
     "pretrain-tiny": ("mozo.demo.pretrain", "pretrain the shipped tiny CLIP from bundled/generated data"),
 }

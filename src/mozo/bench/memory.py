@@ -18,6 +18,9 @@ input's gradient costs nothing extra), is exact.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -116,10 +119,27 @@ def measure_peak(fn: Callable[[], Any], device: torch.device, state: Iterable[to
     from torch.profiler import ProfilerActivity, profile
 
     before = storage_bytes(state)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _profiler_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = cpu_alloc_events(prof)
     return result, PeakMemory(before, running_peak(events), "torch.profiler CPU allocation events (running sum)", len(events))
+
+
+@contextlib.contextmanager
+def _profiler_quiet():
+    """The CPU profiler's C++ side prints `USDT: ... profiler_start/stop` lines to fd 2 on every use (torch
+    2.13); a run that measures one step per task must not litter its terminal with them. Python exceptions
+    still propagate; only what C++ writes to stderr meanwhile is dropped."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class SavedTensorCounter:

@@ -1,0 +1,1 @@
+"""`mozo study`: plans, their controls and seeds as ordinary runs, compared by paired differences."""
