@@ -9,6 +9,7 @@ import pytest
 import mozo
 from mozo.cli import main as mozo_main
 from mozo.metrics import REQUIRED_KEYS, ResultsError, load_results, summarize
+from mozo.metrics.summary import backward_transfer_continuum, forgetting_continuum, validate_matrix
 
 REFERENCE = Path(mozo.__path__[0]) / "configs" / "reference_results.json"
 
@@ -156,7 +157,8 @@ def test_cli_metrics_json(tmp_path, capsys):
     run = write_results(tmp_path / "run")
     assert mozo_main(["metrics", str(run / "results.json"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"last", "avg", "transfer", "bwt", "forgetting", "step_acc"}
+    assert set(data) == {"last", "avg", "transfer", "bwt", "forgetting", "bwt_continuum", "forgetting_continuum",
+                         "step_acc"}
     assert data["last"] == pytest.approx(70.0) and data["transfer"] is None
 
 
@@ -175,3 +177,103 @@ def test_cli_metrics_missing_key_fails(tmp_path, capsys):
     (run / "results.json").write_text(json.dumps(data))
     assert mozo_main(["metrics", str(run)]) != 0
     assert "task_test_sizes" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# both BWT / forgetting definitions (issue 14), published matrices from JSON and CSV
+# --------------------------------------------------------------------------------------------------
+
+# MoE-Adapters4CL, CIFAR-100 10-10 (reference_results.json): GEM / Chaudhry against continuum's variants,
+# the latter being what the reference code logs.
+PUBLISHED = {"bwt": -11.99, "forgetting": 11.99, "bwt_continuum": -9.80, "forgetting_continuum": 11.79}
+
+
+def _reference():
+    return json.loads(REFERENCE.read_text())["cifar100_10-10"]
+
+
+def test_published_matrix_gives_both_definitions():
+    ref = _reference()
+    s = summarize(ref["acc_per_task"], "cil", ref["test_samples_per_task"])
+    for key, value in PUBLISHED.items():
+        assert s[key] == pytest.approx(value, abs=0.01), key
+
+
+def test_continuum_variants_hand_computed():
+    # 4 tasks. continuum BWT: pairs (i, j<i-1) = (2,0), (3,0), (3,1) over 4*3/2 = 6 pairs;
+    # continuum forgetting: tasks j < 2, best over rows j..1, divided by 3.
+    m = validate_matrix([[90.0], [80.0, 70.0], [60.0, 65.0, 80.0], [50.0, 40.0, 70.0, 60.0]])
+    assert backward_transfer_continuum(m) == pytest.approx(((60 - 90) + (50 - 90) + (40 - 70)) / 6)
+    assert forgetting_continuum(m) == pytest.approx(((90 - 50) + (70 - 40)) / 3)
+    assert backward_transfer_continuum(m[:1]) is None and forgetting_continuum(m[:1]) is None
+
+
+def test_new_keys_leave_existing_values_unchanged(tmp_path, capsys):
+    s = summarize(MTCL, "mtcl", [50, 50, 50])
+    assert s["bwt"] == pytest.approx(-12.5) and s["forgetting"] == pytest.approx(12.5)
+    run = write_results(tmp_path / "run")
+    assert mozo_main(["metrics", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "BWT (GEM)" in out and "Forgetting (Chaudhry)" in out
+    assert "BWT (continuum, as MoE-Adapters4CL logs)" in out
+    assert "Forgetting (continuum, as MoE-Adapters4CL logs)" in out
+
+
+def test_cli_metrics_published_json_without_optional_keys(tmp_path, capsys):
+    ref = _reference()
+    path = tmp_path / "moe_adapters.json"
+    path.write_text(json.dumps({"protocol": "CIL", "tasks": list(range(10)),
+                                "task_test_sizes": ref["test_samples_per_task"], "acc_matrix": ref["acc_per_task"]}))
+    assert mozo_main(["metrics", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    s = json.loads(out)
+    assert err == ""  # no summary stored: nothing to warn about
+    assert s["last"] == pytest.approx(77.52, abs=0.01) and s["avg"] == pytest.approx(85.21, abs=0.01)
+    for key, value in PUBLISHED.items():
+        assert s[key] == pytest.approx(value, abs=0.01), key
+
+
+def test_cli_metrics_csv_matrix(tmp_path, capsys):
+    ref = _reference()
+    path = tmp_path / "matrix.csv"
+    width = len(ref["acc_per_task"])
+    path.write_text("".join(",".join(map(str, row)) + "," * (width - len(row)) + "\n" for row in ref["acc_per_task"]))
+    sizes = ",".join(map(str, ref["test_samples_per_task"]))
+    assert mozo_main(["metrics", "--matrix", str(path), "--sizes", sizes, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["last"] == pytest.approx(77.52, abs=0.01) and s["avg"] == pytest.approx(85.21, abs=0.01)
+    assert s["bwt_continuum"] == pytest.approx(-9.80, abs=0.01)
+    assert mozo_main(["metrics", "--matrix", str(path), "--sizes", sizes]) == 0
+    assert "task 10" in capsys.readouterr().out
+
+
+def test_cli_metrics_csv_mtcl_and_triangular(tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(",".join(map(str, row)) for row in MTCL) + "\n")
+    assert mozo_main(["metrics", "--matrix", str(path), "--sizes", "50,50,50", "--protocol", "mtcl", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["transfer"] == pytest.approx(30.0)
+    path.write_text("90\n80,70\n")  # lower-triangular rows, as published
+    assert mozo_main(["metrics", "--matrix", str(path), "--sizes", "100,100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["last"] == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize(
+    "text, argv_tail, message",
+    [
+        ("90\n80,x\n", ["--sizes", "100,100"], "'x' is not a number (row 1, column 1"),
+        ("90\n80,nan\n", ["--sizes", "100,100"], "not finite"),
+        ("90\n80,70\n", ["--sizes", "100"], "task_test_sizes"),
+        ("90\n80,70\n", ["--sizes", "100,a"], "--sizes must be comma-separated integers"),
+        ("90\n80,70\n", [], "needs --sizes"),
+        ("90\n80," + "9" * 200_000 + "\n", ["--sizes", "100,100"], "not a readable CSV"),  # csv field limit
+        ("90\n80,70\n", ["--sizes", "100,100", "PATH"], "no PATH"),
+    ],
+    ids=["text", "nan", "sizes-short", "sizes-text", "no-sizes", "field-limit", "path-too"],
+)
+def test_cli_metrics_csv_errors(tmp_path, capsys, text, argv_tail, message):
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    argv_tail = [str(tmp_path) if a == "PATH" else a for a in argv_tail]
+    assert mozo_main(["metrics", "--matrix", str(path), *argv_tail]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

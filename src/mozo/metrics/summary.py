@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix, and the reader of `results.json`.
+"""Continual-learning metrics from an accuracy matrix (the files holding one are read in `files.py`).
 
 The accuracy matrix `A[i][j]` is the accuracy (%) on task j's test set after training task i
 (DESIGN.md, section 2). Rows are the tasks trained so far, so a partial run (fewer rows than tasks,
@@ -10,16 +10,15 @@ a results.json can be compared with the stored one without accumulating rounding
 """
 from __future__ import annotations
 
-import json
 import math
 from numbers import Real
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 PROTOCOLS = ("cil", "mtcl")
-REQUIRED_KEYS = ("protocol", "tasks", "task_test_sizes", "acc_matrix", "summary", "config", "cost")
-SUMMARY_KEYS = ("last", "avg", "transfer", "bwt", "forgetting")
-RESULTS_FILENAME = "results.json"
+# bwt / forgetting follow GEM / Chaudhry et al.; the *_continuum keys reproduce the continuum library's
+# variants, which MoE-Adapters4CL logs, so that its published figures can be compared like for like.
+SUMMARY_KEYS = ("last", "avg", "transfer", "bwt", "forgetting", "bwt_continuum", "forgetting_continuum")
+MAX_TEST_SIZE = 2**53  # beyond this a size is not exactly a float, and no test set is that large
 
 Matrix = list[list[Optional[float]]]
 
@@ -33,11 +32,25 @@ class ResultsError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def describe(value: Any) -> str:
+    """A short repr for error messages: a value read from a file may be a 4000-digit number, a long
+    string with control characters (repr escapes them) or a deeply nested list (named by its type)."""
+    if value is None or isinstance(value, (int, float, str)):
+        try:
+            text = repr(value)
+        except ValueError:  # an int beyond Python's int-to-string digit limit
+            return "an integer too large to print"
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
+
+
 def check_protocol(protocol: str) -> str:
     """Return the protocol in canonical (lower-case) form; the metrics differ between the two."""
-    name = str(protocol).strip().lower()
+    if not isinstance(protocol, str):
+        raise ResultsError(f"protocol must be a string ({', '.join(PROTOCOLS)}), got {describe(protocol)}")
+    name = protocol.strip().lower()
     if name not in PROTOCOLS:
-        raise ResultsError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+        raise ResultsError(f"unknown protocol {describe(protocol)}; expected one of {', '.join(PROTOCOLS)}")
     return name
 
 
@@ -46,16 +59,16 @@ def _check_entry(value: Any, i: int, j: int) -> Optional[float]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ResultsError(f"acc_matrix[{i}][{j}] = {value!r} is not a number (row {i}, column {j})")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ResultsError(f"acc_matrix[{i}][{j}] = {value!r} is not finite (row {i}, column {j})")
-    if not 0.0 <= x <= 100.0:
+        raise ResultsError(f"acc_matrix[{i}][{j}] = {describe(value)} is not a number (row {i}, column {j})")
+    # Ints are range-checked before float(): float() of a huge int raises OverflowError.
+    if not isinstance(value, int) and not math.isfinite(value):
+        raise ResultsError(f"acc_matrix[{i}][{j}] = {describe(value)} is not finite (row {i}, column {j})")
+    if not 0 <= value <= 100:
         raise ResultsError(
-            f"acc_matrix[{i}][{j}] = {value!r} is outside [0, 100] (row {i}, column {j}); "
+            f"acc_matrix[{i}][{j}] = {describe(value)} is outside [0, 100] (row {i}, column {j}); "
             "accuracies are percentages"
         )
-    return x
+    return float(value)
 
 
 def validate_matrix(acc_matrix: Sequence[Sequence[Any]], num_tasks: Optional[int] = None) -> Matrix:
@@ -102,8 +115,9 @@ def _check_sizes(task_test_sizes: Optional[Sequence[Any]], width: int) -> Option
         )
     sizes = []
     for j, n in enumerate(task_test_sizes):
-        if isinstance(n, bool) or not isinstance(n, Real) or n != int(n) or n <= 0:
-            raise ResultsError(f"task_test_sizes[{j}] = {n!r} must be a positive integer")
+        whole = isinstance(n, int) or (isinstance(n, float) and n.is_integer())  # NaN, inf: not whole
+        if isinstance(n, bool) or not whole or not 0 < n <= MAX_TEST_SIZE:
+            raise ResultsError(f"task_test_sizes[{j}] = {describe(n)} must be a positive integer (at most 2**53)")
         sizes.append(int(n))
     return sizes
 
@@ -169,7 +183,8 @@ def mtcl_avg(matrix: Matrix) -> float:
 
 
 def backward_transfer(matrix: Matrix) -> Optional[float]:
-    """BWT = mean_{j<T} (A[T][j] - A[j][j]): how the final model changed old tasks (negative = forgot).
+    """BWT (GEM, Lopez-Paz & Ranzato 2017) = mean_{j<T} (A[T][j] - A[j][j]): how the final model
+    changed old tasks (negative = forgot).
 
     None with a single trained task, where there is no earlier task.
     """
@@ -180,7 +195,8 @@ def backward_transfer(matrix: Matrix) -> Optional[float]:
 
 
 def forgetting(matrix: Matrix) -> Optional[float]:
-    """F = mean_{j<T} (max_{j<=i<T} A[i][j] - A[T][j]): drop from the best accuracy a task ever had.
+    """F (Chaudhry et al. 2018, eq. 3) = mean_{j<T} (max_{j<=i<T} A[i][j] - A[T][j]): drop from the
+    best accuracy a task ever had.
 
     The max runs over the rows after task j was trained (rows before it are zero-shot or not evaluated)
     and ignores None entries. None with a single trained task.
@@ -194,6 +210,43 @@ def forgetting(matrix: Matrix) -> Optional[float]:
             raise ResultsError(f"forgetting of task {j}: no evaluation of column {j} in rows {j}..{last - 1}")
         drops.append(max(earlier) - final)  # type: ignore[type-var]
     return _mean(drops)
+
+
+def backward_transfer_continuum(matrix: Matrix) -> Optional[float]:
+    """BWT as continuum's `backward_transfer` computes it, which is what MoE-Adapters4CL logs.
+
+    Kept apart from `backward_transfer` because it is a different number, and published results use it:
+    the sum of A[i][j] - A[j][j] over rows i >= 1 and tasks j < i - 1 (continuum's loop leaves out the
+    task just before row i), divided by T(T-1)/2 pairs, T the number of rows. On MoE-Adapters' CIFAR-100
+    10-10 matrix: -9.80, where GEM's definition gives -11.99. None with a single row (continuum: 0).
+    """
+    rows = len(matrix)
+    if rows <= 1:
+        return None
+    why = "continuum's BWT compares every row with the diagonal"
+    total = sum(
+        _require(matrix, i, j, why) - _require(matrix, j, j, why) for i in range(1, rows) for j in range(i - 1)
+    )
+    return total / (rows * (rows - 1) / 2)
+
+
+def forgetting_continuum(matrix: Matrix) -> Optional[float]:
+    """Forgetting as continuum's `forgetting` computes it, which is what MoE-Adapters4CL logs.
+
+    Chaudhry's eq. 3 with continuum's ranges: tasks j < T-2 only, the best accuracy over rows
+    j..T-3 (the second-to-last row is left out), the sum divided by T-1; T the number of rows.
+    On MoE-Adapters' CIFAR-100 10-10 matrix: 11.79, where Chaudhry's definition gives 11.99.
+    None with a single row (continuum: 0).
+    """
+    rows = len(matrix)
+    if rows <= 1:
+        return None
+    why = "continuum's forgetting compares the final row with earlier rows"
+    drops = [
+        max(_require(matrix, i, j, why) for i in range(j, rows - 2)) - _require(matrix, rows - 1, j, why)
+        for j in range(rows - 2)
+    ]
+    return sum(drops) / (rows - 1)
 
 
 def summarize(
@@ -210,7 +263,9 @@ def summarize(
       on its own classes (`data.eval_future`); otherwise None.
     - MTCL: `step_acc[i]` = mean of row i; Last = mean_j A[T][j]; Avg = mean_j mean_i A[i][j];
       Transfer = mean_{j>=1} mean_{i<j} A[i][j] (None with a single task). The matrix must be full.
-    - Both: bwt and forgetting (see `backward_transfer`, `forgetting`), None with a single row.
+    - Both: bwt and forgetting (GEM / Chaudhry: `backward_transfer`, `forgetting`), and bwt_continuum,
+      forgetting_continuum (the variants MoE-Adapters4CL logs: `backward_transfer_continuum`,
+      `forgetting_continuum`); all None with a single row.
 
     T is the last row, so partial runs (fewer rows than tasks) work. Values keep full precision.
     Raises `ResultsError` (a ValueError) naming the row/column of a ragged, non-numeric, non-finite or
@@ -242,6 +297,8 @@ def summarize(
         "transfer": transfer,
         "bwt": backward_transfer(matrix),
         "forgetting": forgetting(matrix),
+        "bwt_continuum": backward_transfer_continuum(matrix),
+        "forgetting_continuum": forgetting_continuum(matrix),
         "step_acc": step_acc,
     }
 
@@ -272,49 +329,8 @@ def _close(a: Any, b: Any, tol: float) -> bool:
         return a is None and b is None
     try:
         return abs(float(a) - float(b)) <= tol
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
-
-
-# --------------------------------------------------------------------------------------------------
-# results.json
-# --------------------------------------------------------------------------------------------------
-
-
-def results_path(path: str | Path) -> Path:
-    """A results.json path, given either the file or the run directory holding it."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_FILENAME
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found; give a results.json or a run directory containing one")
-    return p
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results.json (or the one in a run directory) and check it has every required key.
-
-    Raises FileNotFoundError if there is no file, and `ResultsError` naming the file and the missing
-    key (or the JSON error) otherwise, so a broken run is reported before any metric is computed.
-    """
-    p = results_path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ResultsError(f"{p}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ResultsError(f"{p}: expected a JSON object, got {type(data).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in data]
-    if missing:
-        raise ResultsError(
-            f"{p}: missing required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-            f"(a results.json needs {', '.join(REQUIRED_KEYS)})"
-        )
-    try:
-        data["protocol"] = check_protocol(data["protocol"])
-    except ResultsError as err:
-        raise ResultsError(f"{p}: {err}") from err
-    return data
 
 
 def summarize_results(results: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`mozo report RUN_DIR... [--out DIR]`: compare runs in a markdown/CSV table and PNG plots.
 
 `write_report` is the programmatic entry (used by `mozo demo`); the command prints the markdown table
-and where the files went.
+and where the files went. Exit status: 0 written; 2 a run's results.json is missing or malformed (one
+message naming the file and the problem, before anything is written); 1 the report could not be written.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mozo.metrics.files import printable
 from mozo.metrics.summary import ResultsError
 from mozo.report.tables import build_row, format_table, load_runs, safe_name, write_csv
 
@@ -56,6 +58,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("exit status: 0 report written; 2 a run's results.json is missing or malformed "
+                     "(one message naming the file and the problem); 1 the report could not be written")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding a results.json")
     parser.add_argument(
         "--out", metavar="DIR", default=None,
@@ -67,9 +71,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         paths = write_report(args.run_dirs, args.out)
     except (FileNotFoundError, ResultsError) as err:
-        print(f"mozo report: error: {err}", file=sys.stderr)
+        print(f"mozo report: error: {printable(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output directory is not writable, the disk is full...
+        print(f"mozo report: error: cannot write the report: {printable(err)}", file=sys.stderr)
         return 1
     print(paths["report.md"].read_text(encoding="utf-8"), end="")
     out = paths["report.md"].parent
-    print(f"\nwrote {len(paths)} files to {out}: {', '.join(paths)}")
+    print("\n" + printable(f"wrote {len(paths)} files to {out}: {', '.join(paths)}"))
     return 0

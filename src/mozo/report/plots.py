@@ -3,6 +3,8 @@
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, not through pyplot, so the
 report works headless (servers, CI) and never changes the caller's global matplotlib backend.
 matplotlib is imported inside the functions so that `mozo --help` and the metrics stay fast.
+Names from run directories and results files go through `_plain`: a `$` would start mathtext (and a
+malformed expression fails the whole report), a control character would print as a box.
 """
 from __future__ import annotations
 
@@ -10,9 +12,15 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mozo.metrics.files import printable
 from mozo.report.tables import RunResult
 
 ANNOTATE_MAX_TASKS = 30  # beyond this the cell labels are unreadable; the colour bar still reads
+
+
+def _plain(text: object) -> str:
+    """Text shown as written: control characters escaped, `$` escaped so mathtext never parses it."""
+    return printable(text).replace("$", r"\$")
 
 
 def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
@@ -25,7 +33,7 @@ def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
 
 
 def _task_labels(results: dict[str, Any], width: int) -> list[str]:
-    tasks = [str(t) for t in (results.get("tasks") or [])]
+    tasks = [_plain(t) for t in (results.get("tasks") or [])]
     return tasks if len(tasks) == width and width <= 20 else [str(j + 1) for j in range(width)]
 
 
@@ -56,7 +64,7 @@ def plot_acc_matrix(run: RunResult, path: str | Path) -> Path:
     ax.set_yticks(range(rows), [str(i + 1) for i in range(rows)])
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
-    ax.set_title(f"{run.name} ({run.results['protocol']}): accuracy matrix")
+    ax.set_title(f"{_plain(run.name)} ({run.results['protocol']}): accuracy matrix")
     fig.savefig(path, dpi=110)
     return Path(path)
 
@@ -70,7 +78,7 @@ def plot_acc_per_step(runs: Sequence[RunResult], path: str | Path) -> Path:
     for run in runs:
         steps = run.summary["step_acc"]
         ax.plot(range(1, len(steps) + 1), steps, marker="o", markersize=3,
-                label=f"{run.name} ({run.results['protocol']})")
+                label=f"{_plain(run.name)} ({run.results['protocol']})")
     protocols = {run.results["protocol"] for run in runs}
     ylabel = {"cil": "acc_i: accuracy on seen classes (%)", "mtcl": "mean accuracy over tasks (%)"}
     ax.set_ylabel(ylabel[protocols.pop()] if len(protocols) == 1 else "acc_i (CIL) / row mean (MTCL) (%)")
@@ -96,7 +104,7 @@ def _bars(ax, names: list[str], values: list[Optional[float]], ylabel: str, digi
 
 def plot_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Peak memory (MiB) and wall time (s) per run, side by side (rows as built by `build_row`)."""
-    names = [str(r["run"]) for r in rows]
+    names = [_plain(r["run"]) for r in rows]
     fig = _figure(max(7.0, 1.2 * len(names) + 3), 4.0)
     mem_ax, time_ax = fig.subplots(1, 2)
     _bars(mem_ax, names, [r.get("peak_mem_mib") for r in rows], "peak memory (MiB)", 0)

@@ -4,6 +4,10 @@ Metrics are recomputed from each run's `acc_matrix` (as `mozo metrics` does) so 
 different versions are compared under one definition. Cost keys other than the trainable-parameter
 total are optional: a run without them shows "-" in the markdown table and an empty cell in the CSV
 (empty cells load as missing values in spreadsheets and pandas, "-" would turn a column into text).
+
+Names (runs, plans, PEFT kinds) come from directory names and results files, so they are shown through
+`printable` in the markdown and the CSV, and a CSV text cell that a spreadsheet would run as a formula
+is prefixed with a quote (`csv_cell`).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from mozo.metrics.summary import RESULTS_FILENAME, ResultsError, load_results, summarize_results
+from mozo.metrics.files import load_summary, printable, results_path
+from mozo.metrics.summary import ResultsError
 
 MIB = 2**20
 
@@ -69,11 +74,6 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
 
 
-def _run_dir(path: str | Path) -> Path:
-    p = Path(path)
-    return p.parent if p.name == RESULTS_FILENAME and p.is_file() else p
-
-
 def load_runs(run_dirs: Sequence[str | Path]) -> list[RunResult]:
     """Load and summarise every run; names are directory names, suffixed -2, -3... when they repeat."""
     if not run_dirs:
@@ -81,12 +81,9 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[RunResult]:
     runs: list[RunResult] = []
     seen: dict[str, int] = {}
     for path in run_dirs:
-        run_dir = _run_dir(path)
-        results = load_results(run_dir)
-        try:
-            summary = summarize_results(results)
-        except ResultsError as err:
-            raise ResultsError(f"{run_dir}: {err}") from err
+        source = results_path(path)  # a run directory, or the results.json in one
+        run_dir = source.parent
+        results, summary = load_summary(source)
         base = run_dir.resolve().name or "run"
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}-{seen[base]}"
@@ -95,21 +92,26 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[RunResult]:
 
 
 def _label(value: Any) -> Optional[str]:
-    """config['plan'] / config['peft'] may be a name or a section; show its name (or kind)."""
-    if value is None:
-        return None
+    """config['plan'] / config['peft'] may be a name or a section; show its name (or kind).
+
+    Only a string or a number is shown: str() of a deeply nested list from a file can overflow the stack.
+    """
     if isinstance(value, dict):
-        for key in ("name", "kind", "type"):
-            if value.get(key) is not None:
-                return str(value[key])
+        value = next((value[k] for k in ("name", "kind", "type") if value.get(k) is not None), None)
+    if not isinstance(value, (str, int, float)):
         return None
     return str(value)
 
 
 def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, or None for anything else (a string, NaN, an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _trainable_total(cost: dict[str, Any]) -> Optional[int]:
@@ -137,7 +139,7 @@ def build_row(run: RunResult) -> dict[str, Any]:
 
 
 def _escape(cell: str) -> str:
-    return cell.replace("|", "\\|").replace("\n", " ")
+    return printable(cell.replace("\n", " ")).replace("|", "\\|")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -155,6 +157,33 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(headers), rule] + [line(r) for r in body])
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: None -> empty, numbers as they are (a negative BWT stays a number), text escaped.
+
+    Text starting with = + - @ tab or CR is prefixed with a single quote (OWASP's advice against CSV
+    formula injection), unless it reads as a number ("-5" is no formula); control characters are shown
+    as escapes, as in the markdown.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_START) and not _is_number(value):
+        value = "'" + value
+    return printable(value)
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """CSV with the table's headers and full-precision values; missing values are empty cells."""
     path = Path(path)
@@ -162,5 +191,5 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         writer = csv.writer(f)
         writer.writerow([c.header for c in COLUMNS])
         for row in rows:
-            writer.writerow(["" if row.get(c.key) is None else row.get(c.key) for c in COLUMNS])
+            writer.writerow([csv_cell(row.get(c.key)) for c in COLUMNS])
     return path
