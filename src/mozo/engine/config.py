@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -17,8 +19,13 @@ from typing import Any, Optional, get_type_hints
 import yaml
 
 from mozo.backbone.clip import DEFAULT_BACKBONE, PROMPT_PADDINGS
+from mozo.data.mtcl import MTCL_ORDERS, resolve_mtcl_key
+from mozo.data.readers import READERS
+from mozo.data.scenario import CIL_PROTOCOLS, load_class_orders
+from mozo.engine.distributed import BACKENDS
 from mozo.peft.inject import PeftConfig
-from mozo.zo.config import ZOConfig
+from mozo.zo.config import ZOConfig, check_range
+from mozo.zo.plan import parse_clauses
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -140,13 +147,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        if "int" in text:  # `peft.layers=1,3` from the command line: ints, not "1" and "3"
+            value = [yaml.safe_load(v) if isinstance(v, str) else v for v in value]
         value = tuple(value) if "tuple" in text else list(value)
-    elif hint is str:
+    elif hint is str or text == "typing.Optional[str]":
         value = str(value)
     return value
 
 
 def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
+    if not isinstance(dotted, str):
+        raise ConfigError(f"config keys must be strings, got {full!r} ({type(dotted).__name__})")
     head, _, rest = dotted.partition(".")
     names = {f.name for f in dataclasses.fields(obj)}
     if head not in names:
@@ -175,25 +186,148 @@ def apply(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+# Numeric keys of the run, train and data sections: check_range arguments (zo.* and peft.* check themselves).
+RANGES: dict[str, dict] = {
+    "seed": dict(low=0, integer=True),
+    "num_tasks": dict(low=1, integer=True, optional=True),  # upper bound: _task_count
+    "eval_max_samples": dict(low=1, integer=True, optional=True),  # null: every test sample
+    "distributed_timeout_s": dict(low=0, open_low=True),
+    "train.batch_size": dict(low=1, integer=True),
+    "train.epochs": dict(low=1, integer=True),
+    "train.lr": dict(low=0),
+    "train.weight_decay": dict(low=0),
+    "train.warmup_iters": dict(low=0, integer=True),
+    "train.max_steps_per_task": dict(low=0, integer=True, optional=True),  # 0: no training (the demo's zero-shot row)
+    "train.checkpoint_every": dict(low=0, integer=True),
+    "train.max_nonfinite_fraction": dict(low=0, high=1),
+    "data.few_shot": dict(low=1, integer=True, optional=True),
+    "data.num_workers": dict(low=0, integer=True),
+    "data.eval_batch_size": dict(low=1, integer=True),
+    "data.initial_increment": dict(low=1, integer=True, optional=True),
+    "data.increment": dict(low=1, integer=True, optional=True),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.precision": ("fp32", "bf16"),
+    "train.schedule": ("cosine", "constant"),
+    "data.prompt_padding": PROMPT_PADDINGS,
+    "distributed_backend": BACKENDS,
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+CIL_ONLY = ("dataset", "order", "initial_increment", "increment")  # data keys only protocol=cil reads
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _mtcl_presets() -> dict:
+    from mozo.engine.scenarios import MTCL_PRESETS  # scenarios imports this module
+
+    return MTCL_PRESETS
+
+
+def _task_count(d: DataConfig) -> Optional[int]:
+    """The scenario's number of tasks when the configuration alone tells (None: protocol=cil, known from the data)."""
+    if d.protocol == "demo":
+        from mozo.demo.stream import DEMO_TASKS
+
+        return len(DEMO_TASKS)
+    if d.protocol in CIL_PROTOCOLS:
+        spec = CIL_PROTOCOLS[d.protocol]
+        return 1 + (spec["num_classes"] - spec["initial_increment"]) // spec["increment"]
+    if d.protocol in _mtcl_presets():
+        return len(d.datasets) if d.datasets is not None else len(MTCL_ORDERS[_mtcl_presets()[d.protocol][0]])
+    return None
+
+
+def _check_data(d: DataConfig) -> None:
+    protocols = [*CIL_PROTOCOLS, *_mtcl_presets(), "cil", "demo"]
+    if d.protocol not in protocols:
+        raise ConfigError(f"data.protocol must be one of {', '.join(protocols)}, got {d.protocol!r}")
+    try:
+        fields = [f[1:] for f in string.Formatter().parse(d.template) if f[1] is not None]
+    except ValueError:  # unbalanced braces
+        fields = None
+    if fields != [("", "", None)]:
+        raise ConfigError(f"data.template must contain exactly one {{}} placeholder for the class name "
+                          f"(write other braces as {{{{ and }}}}), got {d.template!r}")
+    if d.protocol != "cil":
+        for key in CIL_ONLY:
+            if getattr(d, key) is not None:
+                raise ConfigError(f"data.{key} is only read under protocol=cil (data.protocol is {d.protocol!r}: "
+                                  f"it would be ignored); remove it, got {getattr(d, key)!r}")
+    elif d.dataset not in READERS:
+        raise ConfigError(f"protocol=cil needs data.dataset, one of {', '.join(sorted(READERS))}, got {d.dataset!r}")
+    if d.protocol == "demo" and d.few_shot is not None:
+        raise ConfigError(f"data.few_shot is ignored by the demo stream (it has its own image counts); remove it, got {d.few_shot!r}")
+    if d.order is not None:
+        orders = load_class_orders()
+        if d.order not in orders:
+            raise ConfigError(f"data.order must be null (the dataset's own order) or a key of class_orders.yaml "
+                              f"({', '.join(orders)}), got {d.order!r}")
+    if d.datasets is not None:
+        if d.protocol not in _mtcl_presets():
+            raise ConfigError(f"data.datasets is only read under the mtcl protocols (data.protocol is {d.protocol!r}: "
+                              f"it would be ignored), got {d.datasets!r}")
+        if not d.datasets:
+            raise ConfigError("data.datasets must be null (the protocol's order) or a non-empty list of MTCL datasets, got []")
+        for name in d.datasets:
+            try:
+                resolve_mtcl_key(str(name))
+            except ValueError as exc:
+                raise ConfigError(f"data.datasets: {exc}") from None
+
+
 def _revalidate(cfg: RunConfig) -> RunConfig:
-    """Re-run the sections' own checks (their __post_init__) after all values are set."""
+    """Check every value after all are set, before anything loads: the sections' own checks (their
+    __post_init__), the run's ranges and choices, the data keys and the plan grammar. Raises ConfigError
+    naming the key, the value and what is allowed."""
     try:
         cfg.zo = ZOConfig(**dataclasses.asdict(cfg.zo))
+        cfg.peft = PeftConfig(**dataclasses.asdict(cfg.peft))
+        for key, limits in RANGES.items():
+            check_range(key, _get(cfg, key), **limits)
+        parse_clauses(cfg.plan, cfg.peft.towers)  # layers beyond the model's depth: checked once it is loaded
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if cfg.train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
-    if cfg.train.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"train.schedule must be cosine or constant, got {cfg.train.schedule!r}")
-    if cfg.data.prompt_padding not in PROMPT_PADDINGS:
-        raise ConfigError(f"data.prompt_padding must be one of {', '.join(PROMPT_PADDINGS)}, got {cfg.data.prompt_padding!r}")
-    if cfg.train.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.train.batch_size}")
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    _check_data(cfg.data)
+    tasks = _task_count(cfg.data)
+    if cfg.num_tasks is not None and tasks is not None and cfg.num_tasks > tasks:
+        raise ConfigError(f"num_tasks={cfg.num_tasks} but scenario {cfg.data.protocol!r} has {tasks} tasks: "
+                          f"num_tasks must be an integer in [1, {tasks}] or null")
     return cfg
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "class_orders")
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping a YAML config file holds; ConfigError (with the line where YAML gives one) otherwise."""
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at line {line}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"must hold a mapping of config keys, got a {type(data).__name__}")
+    return data
 
 
 def load_config(source: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
@@ -203,10 +337,11 @@ def load_config(source: str | Path, overrides: list[str] | dict | None = None) -
         path = PRESET_DIR / f"{source}.yaml"
     if not path.exists():
         raise ConfigError(f"no preset or YAML file {str(source)!r}; presets: {', '.join(preset_names())}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
-    cfg = apply(RunConfig(name=path.stem), data)
+    cfg = RunConfig(name=path.stem)
+    try:
+        apply(cfg, _read_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     if isinstance(overrides, dict):
         apply(cfg, overrides)
     else:
@@ -223,4 +358,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def from_dict(data: dict) -> RunConfig:
+    """The configuration a run saved (`to_dict`), checked as a preset is; ConfigError names the wrong key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a configuration must be a mapping of config keys, got a {type(data).__name__}")
     return _revalidate(apply(RunConfig(), data))

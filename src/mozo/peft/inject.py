@@ -10,9 +10,10 @@ from torch import nn
 from mozo.backbone.clip import Backbone
 from mozo.backbone.towers import MODALITIES, Tower, TowerInput
 from mozo.peft.adapter import Adapter
-from mozo.peft.lora import LoRA
+from mozo.peft.lora import LORA_TARGETS, LoRA
 from mozo.peft.moe import MoEAdapter
 from mozo.peft.units import NoiseControl, PeftUnit, UnitInfo
+from mozo.zo.config import check_range
 
 PEFT_KINDS = ("moe", "lora", "adapter")
 
@@ -36,6 +37,32 @@ class PeftConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every value checked before a backbone loads (layers beyond a tower's depth: MozoCLIP)."""
+        if self.kind not in PEFT_KINDS:
+            raise ValueError(f"unknown peft kind {self.kind!r}: peft.kind must be one of {', '.join(PEFT_KINDS)}")
+        towers = tuple(self.towers)
+        if not towers or not set(towers) <= set(MODALITIES) or len(set(towers)) < len(towers):
+            raise ValueError(f"peft.towers must be one or both of {', '.join(MODALITIES)}, got {','.join(map(str, towers))!r}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("peft.layers must be null (every layer) or a non-empty list of layers >= 1, got []")
+            for layer in self.layers:
+                check_range("peft.layers entries", layer, 1, integer=True)
+        for key in ("rank", "num_experts", "lora_rank"):
+            check_range(f"peft.{key}", getattr(self, key), 1, integer=True)
+        check_range("peft.top_k", self.top_k, 1, self.num_experts, integer=True)
+        check_range("peft.scale", self.scale)
+        check_range("peft.lora_alpha", self.lora_alpha, 0, open_low=True)
+        for key in ("dropout", "lora_dropout"):
+            check_range(f"peft.{key}", getattr(self, key), 0, 1, open_high=True)
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ValueError(f"peft.lora_targets must be a non-empty subset of {', '.join(LORA_TARGETS)}, got {list(self.lora_targets)}")
+
 
 class MozoCLIP(nn.Module):
     """A frozen CLIPModel plus PEFT units, with tower forwards that can start at any layer."""
@@ -43,8 +70,7 @@ class MozoCLIP(nn.Module):
     def __init__(self, backbone: Backbone, peft: PeftConfig | None = None):
         super().__init__()
         peft = peft or PeftConfig()
-        if peft.kind not in PEFT_KINDS:
-            raise ValueError(f"unknown peft kind {peft.kind!r}; choose one of {PEFT_KINDS}")
+        peft.validate()  # again: fields may have been set after construction
         from mozo.peft.lora import LoRALinear
 
         if any(isinstance(m, LoRALinear) for m in backbone.model.modules()):

@@ -1,13 +1,45 @@
 """Every knob of the zeroth-order estimator and update, with the defaults mozo chose and why."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from mozo.zo.rules import RULES, get_rule
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 DEFAULT_EPS = 1e-3  # the paper's epsilon; a rule may set its own per group (MoZO: mozo/zo/rules/mozo.py)
+
+
+def check_range(key: str, value: Any, low: float | None = None, high: float | None = None, *, integer: bool = False,
+                open_low: bool = False, open_high: bool = False, optional: bool = False) -> None:
+    """Raise a ValueError naming `key`, `value` and the allowed range unless `value` is an integer (or a
+    finite number) within [low, high] (`open_*`: that bound excluded); `optional` also allows None.
+
+    The one range check of every config section (zo here, peft, and the run's own keys)."""
+    if value is None and optional:
+        return
+    if integer:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        allowed = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        allowed = f" {'>' if open_low else '>='} {low}"
+    elif high is not None:
+        allowed = f" {'<' if open_high else '<='} {high}"
+    else:
+        allowed = ""
+    kind = "an integer" if integer else "a finite number"
+    raise ValueError(f"{key} must be {kind}{allowed}{' or null' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -46,17 +78,16 @@ class ZOConfig:
     def __post_init__(self) -> None:
         get_rule(self.rule)  # an unknown name lists the registered rules
         if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown zo.distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}")
-        if self.q < 1:
-            raise ValueError(f"zo.q must be >= 1, got {self.q}")
+            raise ValueError(f"zo.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
+        check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
+        check_range("zo.q", self.q, 1, integer=True)
+        check_range("zo.weight_decay", self.weight_decay, 0)
+        for modality in ("vision", "language"):
+            check_range(f"zo.eps_{modality}", getattr(self, f"eps_{modality}"), 0, open_low=True, optional=True)
         if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
             raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
         if self.fo_at_perturbed and self.per_tower:
             raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower")
-        for name in ("eps_vision", "eps_language"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"zo.{name} must be > 0, got {v}")
 
     @property
     def update(self) -> str:

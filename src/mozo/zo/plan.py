@@ -65,27 +65,55 @@ class Plan:
         return "; ".join(parts)
 
 
-def _pattern_layers(pattern: str, n: int, text: str) -> list[int] | str:
-    """Layers named by a pattern, or a whole-tower mode."""
-    if pattern in MODES:
-        return pattern
-    if pattern == "hop-odd":
-        return list(range(1, n + 1, 2))
-    if pattern == "hop-even":
-        return list(range(2, n + 1, 2))
-    m = re.fullmatch(r"(prefix|suffix)-(\d+)", pattern)
-    if m:
-        k = int(m.group(2))
-        if not 0 <= k <= n:
-            raise PlanError(text, f"{pattern} needs 0 <= K <= {n} (the tower has {n} layers)")
-        return list(range(1, k + 1)) if m.group(1) == "prefix" else list(range(n - k + 1, n + 1))
-    if re.fullmatch(r"\d+(,\d+)*", pattern):
-        layers = sorted({int(x) for x in pattern.split(",")})
-        bad = [x for x in layers if not 1 <= x <= n]
-        if bad:
-            raise PlanError(text, f"layers {bad} are outside 1..{n}")
-        return layers
-    raise PlanError(text, f"unknown pattern {pattern!r}")
+# One alternative per PATTERN form: a whole-tower mode | hop-odd/even | prefix/suffix-K | L1,L2,...
+_PATTERN = re.compile(r"(fo|zo|frozen)|hop-(odd|even)|(prefix|suffix)-(\d+)|(\d+(?:,\d+)*)")
+
+
+def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], re.Match]]:
+    """Check the grammar of `text` and split it into (towers, pattern match) clauses, without layer depths.
+
+    `towers`: the towers that have PEFT units (a clause naming another one is an error; `dual` means all
+    of them). Layer numbers beyond a tower's depth are checked by `parse_plan`, which knows the depths.
+    """
+    source = text.strip()
+    spec = PRESETS.get(source, source)
+    if not spec:
+        raise PlanError(text, "empty plan")
+    clauses = []
+    for clause in spec.split("+"):
+        if ":" not in clause:
+            raise PlanError(text, f"clause {clause!r} has no ':' (expected TOWER:PATTERN) and is not a preset {sorted(PRESETS)}")
+        tower, pattern = (s.strip() for s in clause.split(":", 1))
+        if tower != "dual" and tower not in MODALITIES:
+            raise PlanError(text, f"unknown tower {tower!r}")
+        if tower != "dual" and tower not in towers:
+            raise PlanError(text, f"the model has no PEFT units in the {tower} tower")
+        match = _PATTERN.fullmatch(pattern)
+        if not match:
+            raise PlanError(text, f"unknown pattern {pattern!r}")
+        if match.group(5) and 0 in {int(x) for x in pattern.split(",")}:
+            raise PlanError(text, "layers are numbered from 1")
+        clauses.append((tuple(towers) if tower == "dual" else (tower,), match))
+    return clauses
+
+
+def _pattern_layers(match: re.Match, n: int, text: str) -> list[int] | str:
+    """Layers named by a pattern of `parse_clauses` in a tower of `n` layers, or a whole-tower mode."""
+    mode, hop, end, k, listed = match.groups()
+    if mode:
+        return mode
+    if hop:
+        return list(range(1 if hop == "odd" else 2, n + 1, 2))
+    if end:
+        k = int(k)
+        if k > n:
+            raise PlanError(text, f"{match.group(0)} needs 0 <= K <= {n} (the tower has {n} layers)")
+        return list(range(1, k + 1)) if end == "prefix" else list(range(n - k + 1, n + 1))
+    layers = sorted({int(x) for x in listed.split(",")})
+    bad = [x for x in layers if x > n]
+    if bad:
+        raise PlanError(text, f"layers {bad} are outside 1..{n}")
+    return layers
 
 
 def parse_plan(text: str, num_layers: dict[str, int]) -> Plan:
@@ -93,29 +121,17 @@ def parse_plan(text: str, num_layers: dict[str, int]) -> Plan:
 
     Units that do not exist (a tower without PEFT units) simply get no entry in `Plan.modes`.
     """
-    source = text.strip()
-    spec = PRESETS.get(source, source)
     modes = {(m, layer): "fo" for m, n in num_layers.items() for layer in range(1, n + 1)}
-    if not spec:
-        raise PlanError(text, "empty plan")
-    for clause in spec.split("+"):
-        if ":" not in clause:
-            raise PlanError(text, f"clause {clause!r} has no ':' (expected TOWER:PATTERN) and is not a preset {sorted(PRESETS)}")
-        tower, pattern = (s.strip() for s in clause.split(":", 1))
-        towers = list(num_layers) if tower == "dual" else [tower]
-        if tower != "dual" and tower not in MODALITIES:
-            raise PlanError(text, f"unknown tower {tower!r}")
+    for towers, match in parse_clauses(text, tuple(num_layers)):
         for m in towers:
-            if m not in num_layers:
-                raise PlanError(text, f"the model has no PEFT units in the {m} tower")
             n = num_layers[m]
-            chosen = _pattern_layers(pattern, n, text)
+            chosen = _pattern_layers(match, n, text)
             for layer in range(1, n + 1):
                 if isinstance(chosen, str):
                     modes[(m, layer)] = chosen
                 else:
                     modes[(m, layer)] = "zo" if layer in chosen else "fo"
-    return Plan(source, modes)
+    return Plan(text.strip(), modes)
 
 
 def plan_for_model(text: str, model) -> Plan:
