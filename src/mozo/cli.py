@@ -17,6 +17,7 @@ COMMANDS = {
     "diagnose": ("mozo.diagnostics.cli", "ZO estimate variance and cosine with autograd per modality and layer"),
     "study": ("mozo.study.cli", "plans against their controls (ZO frozen, null rule) over seeds: paired differences with CIs"),
     "sweep": ("mozo.diagnostics.sweep", "grid over MoZO epsilons and learning rate on the demo stream"),
+    "data": ("mozo.data.data_cli", "list, check (with the real readers) and fetch the datasets"),
     "pretrain-tiny": ("mozo.demo.pretrain", "pretrain the shipped tiny CLIP from bundled/generated data"),
 }
 
