@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mozo.backbone.convert import is_checkpoint_file, load_checkpoint_parts
 from mozo.backbone.tokenizer import load_tokenizer, write_word_tokenizer
 from mozo.backbone.towers import Tower
 
@@ -102,7 +103,8 @@ def synthetic_config(name: str, vocab_size: int, eos_token_id: int, bos_token_id
 
 def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cpu", seed: int = 0, local_only: bool = False) -> Backbone:
     """Load `spec`: `tiny`, `vit-b-16` (random init), `mozo-tiny` (the shipped pretrained tiny CLIP),
-    a local folder from `save_pretrained`, or a hub id.
+    a local folder from `save_pretrained`, a hub id, or an OpenAI `clip` / open_clip ViT checkpoint
+    file (.pt/.pth/.bin/.safetensors, with vocab.json + merges.txt next to it; see backbone/convert.py).
 
     The model is returned frozen (`requires_grad=False` everywhere) and in eval mode; PEFT units are
     the only trainable parameters mozo ever creates.
@@ -114,6 +116,9 @@ def load_backbone(spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cp
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             model = CLIPModel(synthetic_config(spec, len(tok), tok.eos_token_id, tok.bos_token_id))
+        size, mean, std = model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
+    elif is_checkpoint_file(spec):  # an OpenAI `clip` / open_clip weights file, converted on load (convert.py)
+        model, tok = load_checkpoint_parts(spec, local_only=local_only)
         size, mean, std = model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
     else:
         if spec in SHIPPED and not (SHIPPED[spec] / "config.json").exists():
