@@ -1,6 +1,6 @@
 """Continual-learning scenarios: a sequence of tasks, each with its train and test images.
 
-One `Scenario` type serves both protocols of DESIGN.md section 2:
+One `Scenario` type serves both protocols (docs/experiments.md, Protocols):
 
 - "cil" (class-incremental): one dataset, classes split into tasks following a class order. Labels are
   remapped to the position of the class in the order, so after task i the seen classes are exactly the

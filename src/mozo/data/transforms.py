@@ -1,6 +1,6 @@
 """CLIP image preprocessing without torchvision.
 
-torchvision is deliberately not a dependency (DESIGN.md section 4: on machines without a GPU wheel index
+torchvision is deliberately not a dependency (README, installation: on machines without a GPU wheel index
 it drags in a multi-GB CUDA stack), so the few transforms CLIP needs are written here on PIL + numpy and
 follow torchvision's arithmetic (same resize sizes, same crop boxes, same RandomResizedCrop sampling) so
 that accuracies stay comparable with the reference code.

@@ -1,6 +1,6 @@
 """The hybrid step: first-order units by backprop, zeroth-order units by forward passes only.
 
-One call does, for a batch (DESIGN section 3):
+One call does, for a batch (docs/method.md, The hybrid step):
 1. One forward of both towers at theta. A tower holding FO units runs with autograd (which records
    nothing below its lowest FO unit, since nothing there requires grad); a tower without FO units
    runs under `no_grad`, so it stores no activation at all. The forward also caches, per tower, the

@@ -2,7 +2,7 @@
 `mozo metrics --matrix FILE.csv --sizes N,N,... [--protocol cil|mtcl]`: summarise a bare matrix.
 
 The summary is always recomputed from `acc_matrix`, so the numbers printed follow one definition
-(DESIGN.md section 2) whatever wrote the file; a stored summary that disagrees is flagged, not trusted.
+(docs/experiments.md, Metrics) whatever wrote the file; a stored summary that disagrees is flagged, not trusted.
 Any JSON object with protocol, tasks, task_test_sizes and acc_matrix works (e.g. a published matrix).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Continual-learning metrics from an accuracy matrix (the files holding one are read in `files.py`).
 
 The accuracy matrix `A[i][j]` is the accuracy (%) on task j's test set after training task i
-(DESIGN.md, section 2). Rows are the tasks trained so far, so a partial run (fewer rows than tasks,
+(docs/experiments.md, Metrics). Rows are the tasks trained so far, so a partial run (fewer rows than tasks,
 e.g. a `num_tasks` limit) is summarised over the rows it has: `T` below is the last row, not the
 number of tasks in the protocol. Entries not evaluated are `None` (`null` in JSON).
 
