@@ -49,7 +49,7 @@ def test_rows_and_markdown(runs):
     assert rows[1]["transfer"] == pytest.approx(30.0) and rows[1]["wall_time_s"] is None
     table = format_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| run") and "Forgetting" in lines[0] and "peak memory (MiB)" in lines[0]
+    assert lines[0].startswith("| run") and "Forgetting" in lines[0] and "process peak (MiB)" in lines[0] and "step peak (MiB, tensors)" in lines[0]
     assert len(lines) == 4 and "123,456" in table and "512.0" in table and "12.3" in table
     assert [c.strip() for c in lines[3].split("|")][-3:-1] == ["-", "-"]  # mozo run: no peak memory, no wall time
 

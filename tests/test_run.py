@@ -239,3 +239,8 @@ def test_every_run_records_the_step_peak_per_task_which_separates_plans(tmp_path
         peaks[plan] = res["cost"]["step_peak_bytes"]
         assert res["cost"]["step_peak_kind"] == "cpu_live_tensors" and len(peaks[plan]) == 2
     assert all(f > 1.2 * v > 0 for f, v in zip(peaks["fo"], peaks["vision-zo"]))  # measured: 3.78 vs 2.45 MB
+    from mozo.report.cli import write_report
+
+    paths = write_report([tmp_path / "fo", tmp_path / "vision-zo"], tmp_path / "report")
+    text = paths["report.md"].read_text() if "report.md" in paths else (tmp_path / "report" / "report.md").read_text()
+    assert "step peak (MiB, tensors)" in text and f"{max(peaks['fo']) / 2**20:.2f}" in text

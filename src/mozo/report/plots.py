@@ -103,13 +103,14 @@ def _bars(ax, names: list[str], values: list[Optional[float]], ylabel: str, digi
 
 
 def plot_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Peak memory (MiB) and wall time (s) per run, side by side (rows as built by `build_row`)."""
+    """One training step's live-tensor peak (MiB, worst task) and wall time (s) per run, side by side (rows as
+    built by `build_row`). Not the process RSS: on a CPU it is the same for every plan."""
     names = [_plain(r["run"]) for r in rows]
     fig = _figure(max(7.0, 1.2 * len(names) + 3), 4.0)
     mem_ax, time_ax = fig.subplots(1, 2)
-    _bars(mem_ax, names, [r.get("peak_mem_mib") for r in rows], "peak memory (MiB)", 0)
+    _bars(mem_ax, names, [r.get("step_peak_mib") for r in rows], "step peak, live tensors (MiB)", 0)
     _bars(time_ax, names, [r.get("wall_time_s") for r in rows], "wall time (s)", 1)
-    mem_ax.set_title("peak memory")
+    mem_ax.set_title("one training step's peak above the model")
     time_ax.set_title("wall time")
     fig.savefig(path, dpi=110)
     return Path(path)

@@ -64,7 +64,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("bwt", "BWT", _fixed(2)),
     Column("forgetting", "Forgetting", _fixed(2)),
     Column("trainable_params", "trainable params", _count),
-    Column("peak_mem_mib", "peak memory (MiB)", _fixed(1)),
+    Column("step_peak_mib", "step peak (MiB, tensors)", _fixed(2)),
+    Column("peak_mem_mib", "process peak (MiB)", _fixed(1)),
     Column("wall_time_s", "wall time (s)", _fixed(1)),
 )
 
@@ -127,12 +128,17 @@ def build_row(run: RunResult) -> dict[str, Any]:
     config = run.results.get("config") if isinstance(run.results.get("config"), dict) else {}
     cost = run.results.get("cost") if isinstance(run.results.get("cost"), dict) else {}
     peak = _number(cost.get("peak_mem_bytes"))
+    # one training step's live tensors above the model, worst task (what `mozo bench` measures); the process
+    # peak is the CPU's max RSS, which is the same for every plan on a CPU (peak_mem_kind says which)
+    steps = [_number(v) for v in cost.get("step_peak_bytes") or [] if _number(v) is not None] \
+        if isinstance(cost.get("step_peak_bytes"), list) else []
     return {
         "run": run.name,
         "plan": _label(config.get("plan")),
         "peft": _label(config.get("peft")),
         **{key: run.summary[key] for key in ("last", "avg", "transfer", "bwt", "forgetting")},
         "trainable_params": _trainable_total(cost),
+        "step_peak_mib": max(steps) / MIB if steps else None,
         "peak_mem_mib": None if peak is None else peak / MIB,
         "wall_time_s": _number(cost.get("wall_time_s")),
     }
