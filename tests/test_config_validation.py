@@ -197,7 +197,7 @@ def test_protocol_and_cil_dataset_are_checked():
 
 
 # ------------------------------------------------------------------------------------- plans
-@pytest.mark.parametrize("plan", ["vision:hopp-odd", "visoin-zo", "vision:", "", "fo+vision:zo", "vision:0,2",
+@pytest.mark.parametrize("plan", ["vision:hopp-odd", "visoin-zo", "vision:", "", "fo+visoin-zo", "vision:0,2",
                                   "visual:zo", "vision:prefix-x", "dual:hop-odd+language:suffix"])
 def test_malformed_plans_are_refused_by_the_config(plan):
     msg = refused(f"plan={plan}")
@@ -206,8 +206,8 @@ def test_malformed_plans_are_refused_by_the_config(plan):
 
 def test_plan_grammar_without_depths_reuses_the_parser():
     clauses = parse_clauses("vision:prefix-6+language:hop-odd")
-    assert [(towers, m.group(0)) for towers, m in clauses] == [(("vision",), "prefix-6"), (("language",), "hop-odd")]
-    assert [t for t, _ in parse_clauses("dual-zo", ("vision",))] == [("vision",)]
+    assert [(towers, m.group(0), mode) for towers, m, mode in clauses] == [(("vision",), "prefix-6", None), (("language",), "hop-odd", None)]
+    assert [t for t, _, _ in parse_clauses("dual-zo", ("vision",))] == [("vision",)]
     parse_clauses("vision:1,40")  # beyond the depth: only parse_plan knows
     with pytest.raises(PlanError, match=r"layers \[40\] are outside 1\.\.12"):
         parse_plan("vision:1,40", {"vision": 12, "language": 12})

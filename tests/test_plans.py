@@ -77,7 +77,7 @@ def test_hop_patterns_on_12_layers_are_the_papers():
     ("vision:1,13", 12),
     ("vision:", 4),
     ("", 4),
-    ("fo+vision:zo", 4),
+    ("fo+visoin-zo", 4),
 ])
 def test_malformed_plans_raise_with_the_grammar(text, n):
     with pytest.raises(PlanError) as err:
@@ -95,3 +95,33 @@ def test_plan_for_model_keeps_only_existing_units(make_model):
     assert plan.modes == {("vision", 2): "zo", ("vision", 4): "zo"}
     with pytest.raises(PlanError, match="no PEFT units in the language tower"):
         plan_for_model("language-zo", model)
+
+
+# ------------------------------------------------------------------------------ =MODE and controls
+def test_mode_suffix_sets_only_the_named_layers():
+    from mozo.zo.plan import parse_plan
+
+    depths = {"vision": 6, "language": 4}
+    p = parse_plan("vision-zo+vision:hop-odd=frozen", depths)
+    assert p.layers("vision", "zo") == [2, 4, 6] and p.layers("vision", "frozen") == [1, 3, 5]
+    assert p.layers("language", "fo") == [1, 2, 3, 4]
+    q = parse_plan("dual:suffix-2=zo", depths)  # the other layers keep their default, fo
+    assert q.layers("vision", "zo") == [5, 6] and q.layers("language", "zo") == [3, 4] and q.layers("vision", "fo") == [1, 2, 3, 4]
+    for bad, why in (("vision:hop-odd=ice", "unknown mode"), ("vision:zo=frozen", "whole tower")):
+        with pytest.raises(ValueError, match=why):
+            parse_plan(bad, depths)
+
+
+@pytest.mark.parametrize("text", ["vision-zo", "language-zo", "dual:hop-odd", "vision:prefix-2+language:suffix-1", "fo"])
+def test_the_derived_control_freezes_exactly_the_zo_units(text):
+    from mozo.zo.plan import frozen_control, parse_plan
+
+    depths = {"vision": 6, "language": 4}
+    plan = parse_plan(text, depths)
+    control = parse_plan(frozen_control(plan), depths)
+    for key, mode in plan.modes.items():
+        assert control.modes[key] == ("frozen" if mode == "zo" else mode)
+
+
+def test_presets_combine_with_clauses():
+    assert parse_plan("fo+vision:zo", {"vision": 4, "language": 4}).modes == parse_plan("vision-zo", {"vision": 4, "language": 4}).modes

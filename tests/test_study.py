@@ -34,7 +34,8 @@ def test_study_runs_plans_and_controls_and_reuses_finished_runs(tmp_path, capsys
     row = study["table"]["vision-zo"]
     assert set(row) == {"zo", "frozen", "vs"} and row["zo"]["last"]["n"] == 2
     frozen = json.loads((tmp_path / "vision-zo" / "frozen" / "seed1" / "results.json").read_text())
-    assert frozen["config"]["zo"]["lr"] == 0 and frozen["config"]["seed"] == 1
+    assert frozen["config"]["plan"] == "vision-zo+vision:1,2,3,4=frozen" and frozen["config"]["seed"] == 1
+    assert frozen["cost"]["trainable_params"]["by_part"] == {"vision.frozen": 27008, "language.fo": 27008}
     assert (tmp_path / "study.png").stat().st_size > 0 and "| vision-zo | frozen |" in (tmp_path / "study.md").read_text()
     stamp = (tmp_path / "vision-zo" / "zo" / "seed0" / "results.json").stat().st_mtime_ns
     assert cli(args) == 0  # finished runs are reused, not repeated

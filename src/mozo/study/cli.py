@@ -3,7 +3,8 @@
 Every (plan, variant, seed) is an ordinary `mozo run` directory under --out: finished ones are reused,
 interrupted ones resumed, so a study can be stopped and continued. Variants:
   zo      the plan as given;
-  frozen  the same plan with its ZO units frozen (zo.lr=0: they are perturbed, never moved);
+  frozen  the same plan with its ZO units frozen (`zo.plan.frozen_control`: e.g. dual:hop-odd becomes
+          dual:hop-odd+vision:1,3=frozen+language:1,3=frozen; no perturbation, no ZO forward);
   noise   the same plan with zo.rule=noise: MoZO's perturbations and step size without loss information
           (matched to the sign rules, mozo and sign; for sgd the step sizes differ).
 It writes study.json, study.md (Last, Avg, forgetting as mean and 95% CI over seeds; per plan the
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-CONTROLS = {"frozen": ["zo.lr=0"], "noise": ["zo.rule=noise"]}
+CONTROLS = ("frozen", "noise")
 METRICS = ("last", "avg", "forgetting")
 
 
@@ -37,6 +38,20 @@ def parse_plans(text: str) -> list[tuple[str, list[str]]]:
         plan, *extra = item.split("@")
         out.append((plan, [f"plan={plan}", *extra]))
     return out
+
+
+def control_overrides(preset: str, overrides: list[str], control: str) -> list[str]:
+    """The overrides that turn a plan's run into its control run."""
+    if control == "noise":
+        return ["zo.rule=noise"]
+    from mozo.backbone.clip import load_backbone
+    from mozo.engine.config import load_config
+    from mozo.peft.inject import MozoCLIP
+    from mozo.zo.plan import frozen_control, plan_for_model
+
+    cfg = load_config(preset, overrides)  # the plan resolved on the model's own depths and units
+    model = MozoCLIP(load_backbone(cfg.backbone), cfg.peft)
+    return [f"plan={frozen_control(plan_for_model(cfg.plan, model))}"]
 
 
 def _run_dir(out: Path, plan: str, variant: str, seed: int) -> Path:
@@ -130,8 +145,10 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--seeds must be >= 2 for a confidence interval, got {args.seeds}")
         if not plans:
             raise ConfigError("--plans is empty; give e.g. --plans vision-zo,dual:hop-odd@zo.rule=mozo")
-        for _, overrides in plans:  # every configuration is checked before the first run starts
-            for extra in [[], *CONTROLS.values()]:
+        variants = {}
+        for plan, overrides in plans:  # every configuration is checked before the first run starts
+            variants[plan] = [("zo", [])] + [(c, control_overrides(args.preset, overrides + args.set, c)) for c in controls]
+            for _, extra in variants[plan]:
                 load_config(args.preset, overrides + args.set + extra)
     except (ConfigError, ValueError) as exc:
         print(f"mozo study: {exc}", file=sys.stderr)
@@ -140,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict = {}
     for plan, overrides in plans:
         results[plan] = {}
-        for variant, extra in [("zo", []), *((c, CONTROLS[c]) for c in controls)]:
+        for variant, extra in variants[plan]:
             sums = []
             for seed in range(args.seeds):
                 run_dir = _run_dir(out, plan, variant, seed)

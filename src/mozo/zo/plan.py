@@ -2,15 +2,17 @@
 
 Grammar (layers are numbered 1..N from the input side, as in the paper):
 
-    PLAN    := PRESET | CLAUSE ('+' CLAUSE)*
+    PLAN    := PART ('+' PART)*                     PART := PRESET | CLAUSE
     PRESET  := fo | dual-zo | vision-zo | language-zo
-    CLAUSE  := TOWER ':' PATTERN
+    CLAUSE  := TOWER ':' PATTERN ['=' MODE]
     TOWER   := vision | language | dual            (dual = both towers)
     PATTERN := hop-odd | hop-even | prefix-K | suffix-K | zo | fo | frozen | L1,L2,...
+    MODE    := fo | zo | frozen
 
 Within a clause, the layers named by PATTERN are `zo` and the other layers of that tower stay `fo`
-(`zo`, `fo` and `frozen` set the whole tower). Towers no clause mentions stay `fo`. Later clauses
-override earlier ones for the towers they name.
+(`zo`, `fo` and `frozen` set the whole tower). With `=MODE` the named layers get MODE and the other
+layers keep what earlier clauses gave them (`vision-zo+vision:hop-odd=frozen`: ZO on even layers,
+odd layers frozen). Towers no clause mentions stay `fo`. Later clauses override earlier ones.
 
 - hop-odd:  ZO on odd layers 1, 3, 5, ... (FO on 2, 4, 6, ...)
 - hop-even: ZO on even layers 2, 4, 6, ...
@@ -69,14 +71,15 @@ class Plan:
 _PATTERN = re.compile(r"(fo|zo|frozen)|hop-(odd|even)|(prefix|suffix)-(\d+)|(\d+(?:,\d+)*)")
 
 
-def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], re.Match]]:
-    """Check the grammar of `text` and split it into (towers, pattern match) clauses, without layer depths.
+def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], re.Match, str | None]]:
+    """Check the grammar of `text` and split it into (towers, pattern match, explicit mode) clauses, without
+    layer depths.
 
     `towers`: the towers that have PEFT units (a clause naming another one is an error; `dual` means all
     of them). Layer numbers beyond a tower's depth are checked by `parse_plan`, which knows the depths.
     """
     source = text.strip()
-    spec = PRESETS.get(source, source)
+    spec = "+".join(PRESETS.get(c.strip(), c.strip()) for c in source.split("+")) if source else ""
     if not spec:
         raise PlanError(text, "empty plan")
     clauses = []
@@ -88,12 +91,17 @@ def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], r
             raise PlanError(text, f"unknown tower {tower!r}")
         if tower != "dual" and tower not in towers:
             raise PlanError(text, f"the model has no PEFT units in the {tower} tower")
+        pattern, has_mode, mode = (s.strip() for s in pattern.partition("="))
         match = _PATTERN.fullmatch(pattern)
         if not match:
             raise PlanError(text, f"unknown pattern {pattern!r}")
+        if has_mode and mode not in MODES:
+            raise PlanError(text, f"unknown mode {mode!r} after '='; choose one of {', '.join(MODES)}")
+        if has_mode and match.group(1):
+            raise PlanError(text, f"{pattern!r} already sets the whole tower; '={mode}' applies to layer patterns")
         if match.group(5) and 0 in {int(x) for x in pattern.split(",")}:
             raise PlanError(text, "layers are numbered from 1")
-        clauses.append((tuple(towers) if tower == "dual" else (tower,), match))
+        clauses.append((tuple(towers) if tower == "dual" else (tower,), match, mode or None))
     return clauses
 
 
@@ -122,13 +130,16 @@ def parse_plan(text: str, num_layers: dict[str, int]) -> Plan:
     Units that do not exist (a tower without PEFT units) simply get no entry in `Plan.modes`.
     """
     modes = {(m, layer): "fo" for m, n in num_layers.items() for layer in range(1, n + 1)}
-    for towers, match in parse_clauses(text, tuple(num_layers)):
+    for towers, match, mode in parse_clauses(text, tuple(num_layers)):
         for m in towers:
             n = num_layers[m]
             chosen = _pattern_layers(match, n, text)
             for layer in range(1, n + 1):
                 if isinstance(chosen, str):
                     modes[(m, layer)] = chosen
+                elif mode is not None:
+                    if layer in chosen:
+                        modes[(m, layer)] = mode
                 else:
                     modes[(m, layer)] = "zo" if layer in chosen else "fo"
     return Plan(text.strip(), modes)
@@ -140,3 +151,10 @@ def plan_for_model(text: str, model) -> Plan:
     plan = parse_plan(text, depths)
     present = {(u.info.modality, u.info.layer) for u in model.unit_list()}
     return Plan(plan.text, {k: v for k, v in plan.modes.items() if k in present})
+
+
+def frozen_control(plan: Plan) -> str:
+    """The plan text of `plan` with every ZO unit frozen and everything else as it was: the control that
+    tells what the ZO units contribute (`mozo study`)."""
+    extra = [f"{m}:{','.join(map(str, plan.layers(m, 'zo')))}=frozen" for m in MODALITIES if plan.layers(m, "zo")]
+    return "+".join([plan.text, *extra])
