@@ -279,12 +279,13 @@ def test_every_preset_loads_and_round_trips(name):
 
 def test_demo_cli_overrides_validate():
     from mozo.demo.cli import DEMO_PLANS
-    from mozo.study.cli import CONTROLS
+    from mozo.study.cli import CONTROLS, control_overrides
 
     for _, overrides in DEMO_PLANS:  # mozo demo --quick, each row; zero-shot is max_steps_per_task=0
         load_config("demo", ["train.max_steps_per_task=3", "eval_max_samples=60", *overrides, "seed=0"])
-    for overrides in CONTROLS.values():  # mozo study's controls: zo.lr=0 (frozen), zo.rule=noise
-        load_config("demo", ["plan=vision-zo", *overrides])
+    for control in CONTROLS:  # mozo study's controls: the plan's frozen_control, zo.rule=noise
+        for plan in ("plan=vision-zo", "plan=dual:hop-odd"):
+            load_config("demo", [plan, *control_overrides("demo", [plan], control)])
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
