@@ -43,3 +43,10 @@ def test_study_runs_plans_and_controls_and_reuses_finished_runs(tmp_path, capsys
     capsys.readouterr()
     assert cli(["study", "demo", "--plans", "vision-zo", "--seeds", "2", "--controls", "frozn", "--out", str(tmp_path)]) == 2
     assert "unknown control" in capsys.readouterr().err
+
+
+def test_plans_with_layer_lists_are_not_split_at_their_commas():
+    from mozo.study.cli import parse_plans
+
+    assert parse_plans("vision:1,3,dual-zo@zo.rule=mozo") == [("vision:1,3", ["plan=vision:1,3"]),
+                                                              ("dual-zo", ["plan=dual-zo", "zo.rule=mozo"])]

@@ -86,14 +86,9 @@ RESUME_OVERRIDES = ("train.lr", "zo.lr", "train.checkpoint_every", "train.skip_n
                     "data.eval_batch_size", "data.num_workers", "device", "distributed_timeout_s")
 
 
-def _without(d: dict, dotted_keys: tuple[str, ...]) -> dict:
-    out = json.loads(json.dumps(d))
-    for key in dotted_keys:
-        node, *path = key.split(".")
-        parent, leaf = (out, node) if not path else (out.get(node, {}), path[-1])
-        if isinstance(parent, dict):
-            parent.pop(leaf, None)
-    return out
+def _fixed_part(flat: dict) -> dict:
+    """A flattened configuration without the keys a resume may change."""
+    return {k: v for k, v in flat.items() if k not in RESUME_OVERRIDES}
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -183,8 +178,7 @@ class Runner:
 
     def save(self, step: HybridStep | None) -> None:
         if step is not None:
-            self.state["step"] = step.state_dict()
-            self.state["zo_step"] = step.step_index
+            self.state["step"] = step.state_dict()  # mid-task; zo_step is the counter between tasks
         failed = None
         if self.dist.is_main:
             try:
@@ -207,12 +201,12 @@ class Runner:
 
     def restore(self) -> None:
         units, state = load_checkpoint(self.out)
-        saved = state.pop("config")
-        if _without(saved, RESUME_OVERRIDES) != _without(to_dict(self.cfg), RESUME_OVERRIDES):
+        saved, now = _flat(state.pop("config")), _flat(to_dict(self.cfg))
+        if _fixed_part(saved) != _fixed_part(now):
             raise ValueError(f"the configuration differs from the one the run in {self.out} started with; "
                              f"resume with the same preset and overrides (see config.json there); only "
                              f"{', '.join(RESUME_OVERRIDES)} may change on resume")
-        changed = {k: v for k, v in _flat(to_dict(self.cfg)).items() if _flat(saved).get(k) != v}
+        changed = {k: v for k, v in now.items() if saved.get(k) != v}
         missing = self.model.units.load_state_dict({k: v.to(self.device) for k, v in units.items()})
         set_rng_state(state.pop("rng"))
         self.state.update(state)

@@ -48,10 +48,11 @@ class StepStats:
     zo: Optional[ZORecord] = None
 
 
-def forwards_per_step(zo: ZOConfig, zo_towers: int, cached_text: bool = False) -> int:
+def forwards_per_step(zo: ZOConfig, zo_towers: int) -> int:
     """Loss evaluations one step makes: the first forward, then per direction and ZO group one perturbed
     forward (two two-sided, the first of which is the first forward under zo.fo_at_perturbed), plus the two
-    loss evaluations the rule's update makes (`Rule.extra_forwards`: two for conservative). Tested against `StepStats.forward_passes` of real steps."""
+    loss evaluations the rule's update makes (`Rule.extra_forwards`: two for conservative). Tested against
+    `StepStats.forward_passes` of real steps."""
     if not zo_towers:
         return 1
     groups = zo_towers if zo.per_tower else 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_plans(text: str) -> list[tuple[str, list[str]]]:
+    """Plans split at commas that do not continue a layer list (`vision:1,3,dual-zo` is two plans)."""
     out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, (s.strip() for s in re.split(r",(?!\d)", text))):
         plan, *extra = item.split("@")
         out.append((plan, [f"plan={plan}", *extra]))
     return out
@@ -55,7 +57,7 @@ def control_overrides(preset: str, overrides: list[str], control: str) -> list[s
 
 
 def _run_dir(out: Path, plan: str, variant: str, seed: int) -> Path:
-    return out / plan.replace(":", "_").replace("+", "_") / variant / f"seed{seed}"
+    return out / re.sub(r"[:+,=]", "_", plan) / variant / f"seed{seed}"
 
 
 def run_one(preset: str, overrides: list[str], run_dir: Path, data_root) -> dict:
