@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+import mozo
 from PIL import Image
 
 from mozo.cli import main as cli_main
@@ -198,7 +200,7 @@ def test_sweep_on_tiny_imagefolder(tmp_path):
             for i in range(n):
                 Image.fromarray(np.full((32, 32, 3), 60 * k, np.uint8)).save(d / f"{i}.png")
     extra = ["backbone=tiny", "protocol=cil", "data.dataset=imagefolder", "data.increment=2", "batch_size=4",
-             "peft.rank=8", "device=cpu"]
+             "peft.moe.rank=8", "device=cpu"]
     res = sweep("demo", [1e-4], [1e-3], [1e-3], "dual:hop-odd", [0], extra, max_steps=1, out_dir=tmp_path / "runs",
                 data_root=tmp_path / "data", log=lambda s: None)
     (row,) = res["settings"]
@@ -217,11 +219,12 @@ def test_joint_estimate_is_the_training_steps_estimate():
     from mozo.backbone.clip import load_backbone
     from mozo.diagnostics.measure import diagnose_joint, random_batches, warmup
     from mozo.peft.inject import MozoCLIP
-    from mozo.zo.directions import mix_seed, modality_seed, perturb_
+    from mozo.backbone.towers import TOWER_STREAMS
+    from mozo.zo.directions import mix_seed, perturb_
 
     torch.manual_seed(0)
     bb = load_backbone("tiny")
-    model = MozoCLIP(bb, __import__("mozo").PeftConfig(rank=8))
+    model = MozoCLIP(bb, __import__("mozo").PeftConfig.of("moe", rank=8))
     batches = random_batches(bb, 2, 2, seed=1)
     warmup(model, batches[1:], 1)
     res = diagnose_joint(model, batches[0], "vision:4+language:2", [1e-3], [2e-3], q=[1], directions=2, seed=3)
@@ -244,7 +247,7 @@ def test_joint_estimate_is_the_training_steps_estimate():
         s = mix_seed(3, 99, d)
         saved = {m: [p.clone() for p in ps] for m, ps in params.items()}
         for m, ps in params.items():
-            perturb_(ps, modality_seed(s, m), eps[m], "gaussian")
+            perturb_(ps, mix_seed(s, TOWER_STREAMS[m]), eps[m], "gaussian")
         diff = full_loss() - l0
         for m, ps in params.items():
             for p, v in zip(ps, saved[m]):
@@ -266,3 +269,28 @@ def test_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch):
     ok, bad = res["settings"]
     assert ok["avg"] == 60.0 and ok["avg_std"] == 0.0 and bad["avg"] is None and len(bad["failed"]) == 2
     assert res["best"]["lr"] == 1e-3 and "failed: FloatingPointError" in sw.format_table(res)
+
+
+@pytest.mark.parametrize("plan,per_tower,two_sided", [("dual:hop-odd", False, False), ("dual-zo", True, True), ("vision-zo", False, True)])
+def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, per_tower, two_sided):
+    """One estimator: the diagnostics' plan_estimate, given the step's direction seeds and noise seed,
+    returns the coefficients the training step recorded, bit for bit (default units: dropout and router noise on)."""
+    from conftest import randomize_units
+    from mozo.diagnostics.measure import Batch, plan_estimate
+
+    pixels, labels, text = batch
+    model = make_model()
+    randomize_units(model, std=0.1)
+    zo = mozo.ZOConfig(rule="sgd", lr=0.0, q=2, two_sided=two_sided, per_tower=per_tower)
+    step = mozo.HybridStep(model, plan, zo, seed=7)
+    noise_seed = step.noise_seed(0)
+    theta = {k: v.clone() for k, v in model.units.state_dict().items()}
+    record = step(pixels, labels, text).zo
+    model.units.load_state_dict(theta)  # undoing a perturbation by subtraction leaves fp32 rounding behind
+    eps = {m: zo.eps(m) for m in ("vision", "language")}
+    _, coefs, _ = plan_estimate(model, Batch(pixels, labels, text, [], "random"), plan, eps, record.seeds, noise_seed,
+                                two_sided=two_sided, blocks="group" if per_tower else "joint")
+    assert set(coefs) == set(record.coefs) and all(len(c) == 2 for c in coefs.values())
+    for m in coefs:
+        assert coefs[m] == record.coefs[m]  # bit for bit
+        assert any(c != 0.0 for c in coefs[m])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mozo.zo.config import ZOConfig
+from mozo.zo.estimator import Estimator, Group
 from mozo.zo.rules import RULES, ZORecord, get_rule, replay
 
 
@@ -27,7 +28,7 @@ def test_mozo_is_sign_with_its_own_epsilons():
 def test_rules_that_depend_on_more_than_the_record_refuse_replay():
     record = ZORecord(0, [1], {"vision": [0.5]}, 1e-3, "adamw", "gaussian")
     with pytest.raises(ValueError, match="cannot be replayed"):
-        replay({"vision": [torch.zeros(3)]}, [record])
+        replay(Estimator({"vision": Group([torch.zeros(3)], 1e-3)}), [record])
 
 
 def test_adamw_rule_keeps_its_state_through_a_checkpoint(make_model, batch):

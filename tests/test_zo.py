@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import mozo
-from mozo.zo.directions import direction, modality_seed, perturb_
+from mozo.zo.directions import direction, mix_seed, perturb_
+from mozo.backbone.towers import TOWER_STREAMS
+from mozo.zo.estimator import Estimator, Group
 from mozo.zo.rules import estimate_, replay
 from conftest import randomize_units, snapshot, unit_params
 
@@ -65,7 +67,7 @@ def test_directions_are_regenerated_from_seeds():
         assert not torch.equal(a, direction(p, 43, 0, dist))
         assert not torch.equal(a, direction(p, 42, 1, dist))
     assert set(direction(p, 1, 0, "rademacher").unique().tolist()) == {-1.0, 1.0}
-    assert modality_seed(5, "vision") != modality_seed(5, "language")
+    assert mix_seed(5, TOWER_STREAMS["vision"]) != mix_seed(5, TOWER_STREAMS["language"])
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
@@ -174,7 +176,7 @@ def test_trajectory_replay(make_model, batch, rule):
     fresh = make_model(kind="moe", seed=0)
     start = snapshot(fresh)
     assert any(not torch.equal(start[k], trained[k]) for k in start)
-    replay({m: unit_params(fresh, m) for m in ("vision", "language")}, records)
+    replay(Estimator({m: Group(unit_params(fresh, m), 1e-3, TOWER_STREAMS[m]) for m in ("vision", "language")}), records)
     replayed = snapshot(fresh)
     for k in trained:
         torch.testing.assert_close(replayed[k], trained[k], rtol=0, atol=1e-6)
@@ -240,7 +242,7 @@ def test_step_coefficient_is_the_autograd_directional_derivative(make_model, bat
     record = step(pixels, labels, text).zo
     want = 0.0
     for m in params:
-        seed = modality_seed(record.seeds[0], m)
+        seed = step.estimator.group_seed(record.seeds[0], m)
         for i, (p, g) in enumerate(zip(params[m], grads[m])):
             if g is not None:
                 want += float((g * direction(p, seed, i, "gaussian")).sum())
@@ -266,7 +268,7 @@ def test_per_tower_coefficients_are_each_towers_own_directional_derivative(make_
     stats = mozo.HybridStep(model, "dual-zo", zo, seed=1)(pixels, labels, text)
     assert stats.tower_forwards == {"vision": 3, "language": 3}  # theta, then +- per tower: 1 + 2 each
     assert stats.forward_passes == 5
-    want = {m: sum(float((g * direction(p, modality_seed(stats.zo.seeds[0], m), i, "gaussian")).sum())
+    want = {m: sum(float((g * direction(p, mix_seed(stats.zo.seeds[0], TOWER_STREAMS[m]), i, "gaussian")).sum())
                    for i, (p, g) in enumerate(zip(params[m], grads[m])) if g is not None) for m in params}
     assert abs(want["vision"]) > 2e-2 and abs(want["language"]) > 2e-2
     assert abs(want["vision"] - want["language"]) > 2e-2  # the joint estimate could not pass both checks below

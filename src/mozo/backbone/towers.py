@@ -22,6 +22,8 @@ from torch import nn
 from mozo.backbone.activations import run_mlp
 
 MODALITIES = ("vision", "language")
+# The ZO direction stream of each tower (zo/estimator.py): equal-shaped units of the two towers never share z.
+TOWER_STREAMS = {"vision": 1, "language": 2}
 
 # A parallel unit maps the block input x (B, T, D) to a residual added after the MLP.
 ParallelUnit = Callable[[torch.Tensor], torch.Tensor]

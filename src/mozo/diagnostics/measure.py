@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mozo.backbone.towers import MODALITIES
-from mozo.diagnostics.stats import estimator_statistics
+from mozo.backbone.towers import MODALITIES, TOWER_STREAMS
+from mozo.diagnostics.stats import DirectionSet, eps_row, estimator_statistics, flat
 from mozo.peft.inject import MozoCLIP
-from mozo.zo.directions import mix_seed
+from mozo.zo.directions import direction, mix_seed
+from mozo.zo.estimator import Estimator, Group
 
 MODALITY_ID = {"vision": 1, "language": 2}
 
@@ -159,27 +160,38 @@ def true_gradients(model: MozoCLIP, batch: Batch, noise_seed: int, loss_fn=F.cro
 
 
 @torch.no_grad()
-def block_loss_fn(model: MozoCLIP, batch: Batch, modality: str, layer: int, noise_seed: int, loss_fn=F.cross_entropy) -> Callable[[], float]:
-    """Closure L(current units): tower `modality` re-run from the input of `layer` (1-based)."""
+def tower_loss_fn(model: MozoCLIP, batch: Batch, starts: dict[str, int], noise_seed: int,
+                  loss_fn=F.cross_entropy) -> Callable[[Sequence[str]], torch.Tensor]:
+    """`evaluate(towers)` for the estimator: the loss at the current units with each tower in `towers`
+    re-run from the hidden state entering its layer `starts[tower]` (1-based), the other towers' features
+    cached at the starting point, noise seeded with `noise_seed` in every evaluation: what the training
+    step's perturbed forwards compute."""
     model.train()
     model.noise.seed = noise_seed
     inputs = {"vision": {"pixel_values": batch.pixel_values}, "language": batch.text_inputs}
-    other = [m for m in MODALITIES if m != modality][0]
-    other_feats = model.encode(other, inputs[other])[0]
-    _, cache = model.encode(modality, inputs[modality], capture_at=layer - 1)
+    feats, cache = {}, {}
+    for m in MODALITIES:
+        feats[m], cache[m] = model.encode(m, inputs[m], capture_at=starts[m] - 1 if m in starts else None)
     model.noise.seed = None
 
-    def closure() -> float:
+    def evaluate(towers: Sequence[str]) -> torch.Tensor:
         with torch.no_grad():
             model.noise.seed = noise_seed
             try:
-                f = model.encode(modality, start=cache)[0]
-                feats = {modality: f, other: other_feats}
-                return float(loss_fn(model.logits(feats["vision"], feats["language"]).float(), batch.labels))
+                f = dict(feats)
+                for m in towers:
+                    f[m] = model.encode(m, start=cache[m])[0]
+                return loss_fn(model.logits(f["vision"], f["language"]).float(), batch.labels)
             finally:
                 model.noise.seed = None
 
-    return closure
+    return evaluate
+
+
+def block_loss_fn(model: MozoCLIP, batch: Batch, modality: str, layer: int, noise_seed: int, loss_fn=F.cross_entropy) -> Callable[[], float]:
+    """Closure L(current units): tower `modality` re-run from the input of `layer` (1-based)."""
+    evaluate = tower_loss_fn(model, batch, {modality: layer}, noise_seed, loss_fn)
+    return lambda: float(evaluate([modality]))
 
 
 def diagnose(model: MozoCLIP, batch: Batch, eps: Sequence[float], q: Sequence[int], directions: int, seed: int = 0,
@@ -254,91 +266,77 @@ def aggregate(rows: list[dict], eps: Sequence[float], q: Sequence[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- joint (as trained)
+def plan_groups(model: MozoCLIP, plan_text: str) -> dict[str, list]:
+    """The ZO units of a plan per tower (the step's parameter groups), in the step's order."""
+    from mozo.zo.plan import plan_for_model
+
+    plan = plan_for_model(plan_text, model)
+    units = {m: [u for u in model.unit_list() if u.info.modality == m and plan.mode(m, u.info.layer) == "zo"] for m in MODALITIES}
+    if not any(units.values()):
+        raise ValueError(f"plan {plan_text!r} has no zeroth-order unit")
+    return {m: us for m, us in units.items() if us}
+
+
+@torch.no_grad()
+def plan_estimate(model: MozoCLIP, batch: Batch, plan_text: str, eps: dict[str, float], seeds: Sequence[int], noise_seed: int,
+                  distribution: str = "gaussian", two_sided: bool = False, blocks: str = "joint"):
+    """The estimate `HybridStep` forms for `plan_text` on `batch` with these direction seeds, epsilons and noise
+    seed (zo.per_tower: blocks="group"): (Differences, coefficients per tower, L(theta)). Tested equal to the
+    step's own coefficients. Perturbations are undone by copy, so repeated calls start at the same point."""
+    units = plan_groups(model, plan_text)
+    est = Estimator({m: Group([p for u in us for p in u.parameters()], eps[m], TOWER_STREAMS[m]) for m, us in units.items()},
+                    distribution, two_sided, blocks)
+    evaluate = tower_loss_fn(model, batch, {m: min(u.info.layer for u in us) for m, us in units.items()}, noise_seed)
+    saved = {m: [p.detach().clone() for p in g.params] for m, g in est.groups.items()}
+    loss0 = evaluate([])
+    try:
+        out = est.differences(seeds, evaluate, loss0)
+    finally:
+        for m, g in est.groups.items():
+            for p, v in zip(g.params, saved[m]):
+                p.copy_(v)
+    return out, est.coefficients([float(x) for x in out.diffs], out.blocks), loss0
+
+
 @torch.no_grad()
 def diagnose_joint(model: MozoCLIP, batch: Batch, plan_text: str, eps_vision: Sequence[float], eps_language: Sequence[float],
                    q: Sequence[int], directions: int, seed: int = 0, distribution: str = "gaussian", two_sided: bool = False,
                    progress: Optional[Callable[[str], None]] = None) -> dict:
-    """The estimator exactly as `HybridStep` forms it: all ZO units of a plan perturbed at once, each tower
-    with its own epsilon, ONE loss difference, and c_m = diff / eps_m for tower m.
+    """The estimator exactly as `HybridStep` forms it (`plan_estimate`): all ZO units of a plan perturbed at
+    once, each tower with its own epsilon, ONE loss difference, and c_m = diff / eps_m for tower m.
 
     Per (eps_vision, eps_language) and tower: the statistics of c_m z_m against that tower's gradient.
     With both towers ZO the difference mixes eps_v <g_v, z_v> + eps_l <g_l, z_l>, so the ratio of the
     epsilons decides how much of each tower's estimate is the other tower's noise; this measures it.
     """
-    from mozo.diagnostics.stats import DirectionSet, _flat, eps_row
-    from mozo.zo.directions import direction, modality_seed
-    from mozo.zo.plan import plan_for_model
-
-    plan = plan_for_model(plan_text, model)
-    zo_units = {m: [u for u in model.unit_list() if u.info.modality == m and plan.mode(m, u.info.layer) == "zo"] for m in MODALITIES}
-    towers = [m for m in MODALITIES if zo_units[m]]
-    if not towers:
-        raise ValueError(f"plan {plan_text!r} has no zeroth-order unit")
-    params = {m: [p for u in zo_units[m] for p in u.parameters()] for m in towers}
+    units = plan_groups(model, plan_text)
+    params = {m: [p for u in us for p in u.parameters()] for m, us in units.items()}
     noise_seed = mix_seed(seed, 17)
     with torch.enable_grad():
         loss_autograd, grads = true_gradients(model, batch, noise_seed)
-    model.train()
-    inputs = {"vision": {"pixel_values": batch.pixel_values}, "language": batch.text_inputs}
-    model.noise.seed = noise_seed
-    feats, cache = {}, {}
-    for m in MODALITIES:
-        start = min(u.info.layer for u in zo_units[m]) - 1 if m in towers else None
-        feats[m], cache[m] = model.encode(m, inputs[m], capture_at=start)
-    model.noise.seed = None
-
-    def closure() -> float:
-        model.noise.seed = noise_seed
-        try:
-            f = dict(feats)
-            for m in towers:
-                f[m] = model.encode(m, start=cache[m])[0]
-            return float(F.cross_entropy(model.logits(f["vision"], f["language"]).float(), batch.labels))
-        finally:
-            model.noise.seed = None
-
-    saved = {m: [p.detach().clone() for p in params[m]] for m in towers}
-
-    def restore() -> None:
-        for m in towers:
-            for p, s in zip(params[m], saved[m]):
-                p.copy_(s)
-
     dseeds = [mix_seed(seed, 99, d) for d in range(directions)]
 
     def dirs(m: str, d: int) -> list[torch.Tensor]:
-        s = modality_seed(dseeds[d], m)  # as HybridStep: one seed per direction, one stream per tower
+        s = mix_seed(dseeds[d], TOWER_STREAMS[m])  # as the step's estimator: one seed per direction, one stream per tower
         return [direction(p, s, i, distribution) for i, p in enumerate(params[m])]
 
-    sets = {m: DirectionSet([_flat(dirs(m, d)) for d in range(directions)], _flat([grads[id(p)] for p in params[m]])) for m in towers}
-    loss0 = closure()
-    pairs = []
-    try:
-        for ev in eps_vision:
-            for el in eps_language:
-                eps = {"vision": ev, "language": el}
-                if progress:
-                    progress(f"eps_vision {ev:g} eps_language {el:g}")
-                plus, minus = [], []
-                for d in range(directions):
-                    for sign, out in ((1.0, plus), (-1.0, minus)) if two_sided else ((1.0, plus),):
-                        for m in towers:
-                            for p, z in zip(params[m], dirs(m, d)):
-                                p.add_(z, alpha=sign * eps[m])
-                        out.append(closure())
-                        restore()
-                plus_t = torch.tensor(plus, dtype=torch.float64)
-                diff = plus_t - torch.tensor(minus, dtype=torch.float64) if two_sided else plus_t - loss0
-                entry = {"eps_vision": ev, "eps_language": el}
-                for m in towers:
-                    c = diff / ((2.0 if two_sided else 1.0) * eps[m])
-                    entry[m] = eps_row(eps[m], c, plus_t - loss0, sets[m], q, distribution)
-                pairs.append(entry)
-    finally:
-        restore()
+    sets = {m: DirectionSet([flat(dirs(m, d)) for d in range(directions)], flat([grads[id(p)] for p in params[m]])) for m in units}
+    pairs, loss0 = [], None
+    for ev in eps_vision:
+        for el in eps_language:
+            eps = {"vision": ev, "language": el}
+            if progress:
+                progress(f"eps_vision {ev:g} eps_language {el:g}")
+            out, coefs, loss0_t = plan_estimate(model, batch, plan_text, eps, dseeds, noise_seed, distribution, two_sided)
+            loss0 = float(loss0_t)
+            diff = torch.tensor([float(x) for x in out.plus], dtype=torch.float64) - loss0
+            entry = {"eps_vision": ev, "eps_language": el}
+            for m in units:
+                entry[m] = eps_row(eps[m], torch.tensor(coefs[m], dtype=torch.float64), diff, sets[m], q, distribution)
+            pairs.append(entry)
     return {
         "plan": plan_text, "loss_autograd": loss_autograd, "loss": loss0,
-        "towers": {m: {"units": [u.info.name for u in zo_units[m]], "params": sets[m].z.shape[1],
-                       "grad_norm": math.sqrt(sets[m].grad_sq)} for m in towers},
+        "towers": {m: {"units": [u.info.name for u in units[m]], "params": sets[m].z.shape[1],
+                       "grad_norm": math.sqrt(sets[m].grad_sq)} for m in units},
         "pairs": pairs,
     }

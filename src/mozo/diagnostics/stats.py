@@ -36,8 +36,9 @@ Per epsilon, with one-sided c_d = (L(theta + eps z_d) - L(theta)) / eps (two-sid
                         dominates, and at large eps where curvature does), and `zero_fraction` (how often
                         the perturbed loss is bit-identical to L(theta): an estimate of exactly 0).
 
-Parameters are restored by copying a saved clone after every evaluation, not by subtracting the
-perturbation, so rounding never drifts the point at which the statistics are taken.
+The loss differences and coefficients come from the training step's estimator (`zo/estimator.py`), one
+direction at a time; the block is restored by copying a saved clone after every direction, so rounding
+never drifts the point at which the statistics are taken.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mozo.zo.directions import direction, mix_seed
+from mozo.zo.estimator import Estimator, Group
 
 
 def direction_seed(seed: int, d: int) -> int:
@@ -59,7 +61,7 @@ def block_directions(params: Sequence[torch.Tensor], seed: int, d: int, distribu
     return [direction(p, s, i, distribution) for i, p in enumerate(params)]
 
 
-def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
 
 
@@ -108,7 +110,7 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
             raise TypeError(f"ZO diagnostics need fp32 parameters, got {p.dtype}")
     saved = [p.detach().clone() for p in params]
     num_params = sum(p.numel() for p in params)
-    g = _flat(true_grad)
+    g = flat(true_grad)
     grad_sq = float(g @ g)
     grad_norm = math.sqrt(grad_sq)
 
@@ -117,29 +119,24 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
             p.copy_(s)
 
     loss0 = float(loss_fn())
-    ds = DirectionSet([_flat(block_directions(params, seed, d, distribution)) for d in range(directions)], g)
+    ds = DirectionSet([flat(block_directions(params, seed, d, distribution)) for d in range(directions)], g)
+    loss0_t = torch.tensor(loss0, dtype=torch.float64)
+    evaluate = lambda names: torch.tensor(float(loss_fn()), dtype=torch.float64)  # noqa: E731
 
     by_eps = []
     try:
         for e in eps:
-            plus, minus = [], []
+            # The training estimator, one direction at a time, the block restored by copy after each so
+            # rounding never drifts the point the statistics are taken at.
+            est = Estimator({"block": Group(params, e)}, distribution, two_sided)
+            coefs, plus = [], []
             for d in range(directions):
-                dirs = block_directions(params, seed, d, distribution)
-                for p, z in zip(params, dirs):
-                    p.add_(z, alpha=e)
-                plus.append(float(loss_fn()))
+                out = est.differences([direction_seed(seed, d)], evaluate, loss0_t)
+                coefs += est.coefficients([float(x) for x in out.diffs], out.blocks)["block"]
+                plus += [float(x) for x in out.plus]
                 restore()
-                if two_sided:
-                    for p, z in zip(params, dirs):
-                        p.add_(z, alpha=-e)
-                    minus.append(float(loss_fn()))
-                    restore()
-            plus_t = torch.tensor(plus, dtype=torch.float64)
-            if two_sided:
-                c = (plus_t - torch.tensor(minus, dtype=torch.float64)) / (2 * e)
-            else:
-                c = (plus_t - loss0) / e
-            by_eps.append(eps_row(e, c, plus_t - loss0, ds, q, distribution))
+            c = torch.tensor(coefs, dtype=torch.float64)
+            by_eps.append(eps_row(e, c, torch.tensor(plus, dtype=torch.float64) - loss0, ds, q, distribution))
     finally:
         restore()
     return {

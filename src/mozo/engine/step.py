@@ -24,10 +24,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mozo.backbone.towers import MODALITIES
+from mozo.backbone.towers import MODALITIES, TOWER_STREAMS
 from mozo.peft.inject import MozoCLIP
 from mozo.zo.config import ZOConfig
-from mozo.zo.directions import mix_seed, modality_seed, perturb_
+from mozo.zo.directions import mix_seed
+from mozo.zo.estimator import Estimator, Group
 from mozo.zo.plan import Plan, plan_for_model
 from mozo.zo.rules import UpdateContext, ZORecord, get_rule
 
@@ -89,6 +90,8 @@ class HybridStep:
         # 0-based index of the lowest ZO layer per tower: perturbed forwards start there.
         self.capture_at = {m: (min(u.info.layer for u in units["zo"] if u.info.modality == m) - 1 if m in self.zo_towers else None) for m in MODALITIES}
         self.fo_optimizer = torch.optim.AdamW(self.fo_params, lr=fo_lr, weight_decay=fo_weight_decay) if self.fo_params else None
+        self.estimator = Estimator({m: Group(self.zo_params[m], self.zo.eps(m), TOWER_STREAMS[m]) for m in self.zo_towers},
+                                   self.zo.distribution, self.zo.two_sided, "group" if self.zo.per_tower else "joint")
         self.rule = get_rule(self.zo.rule)({m: self.zo_params[m] for m in self.zo_towers}, lr=self.zo.lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
@@ -130,11 +133,7 @@ class HybridStep:
     def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model.logits(feats["vision"], feats["language"]).float(), labels)
 
-    def _perturb(self, seed: int, sign: float, towers: list[str]) -> None:
-        for m in towers:
-            perturb_(self.zo_params[m], modality_seed(seed, m), sign * self.zo.eps(m), self.zo.distribution)
-
-    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers: list[str]) -> torch.Tensor:
+    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers) -> torch.Tensor:
         """Loss with `towers` recomputed from their prefix cache, other towers' features reused."""
         f = dict(feats)
         with torch.no_grad(), self._autocast():
@@ -154,7 +153,8 @@ class HybridStep:
             cached[key].shape == v.shape and cached[key].device == v.device and torch.equal(cached[key], v)
             for key, v in text_inputs.items())
 
-    def _noise_seed(self, k: int) -> int:
+    def noise_seed(self, k: int) -> int:
+        """The seed of the dropout and router noise of step k (every forward of the step uses it)."""
         # Rank 0 keeps the one-process stream; other ranks draw independent masks for their shard.
         return mix_seed(self.seed, k, 0) if self.noise_rank == 0 else mix_seed(self.seed, k, 0, self.noise_rank)
 
@@ -169,18 +169,15 @@ class HybridStep:
         model, cfg = self.model, self.zo
         model.train()
         k = self.step_index
-        noise_seed = self._noise_seed(k)
+        noise_seed = self.noise_seed(k)
         self._nonfinite = None
         seeds = [mix_seed(self.seed, k, d + 1) for d in range(cfg.q)]
         counts: Counter = Counter()
         inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
-        # The ZO units of `towers` sit at theta + offset * eps * z(current): undone on error.
-        offset, current, towers = 0.0, seeds[0], self.zo_towers
         try:
             model.noise.seed = noise_seed
-            if cfg.fo_at_perturbed and self.zo_towers:
-                self._perturb(seeds[0], +1.0, towers)
-                offset = 1.0
+            if cfg.fo_at_perturbed and self.zo_towers:  # the FO forward runs at theta + eps z(seeds[0])
+                self.estimator.perturb(seeds[0], +1.0, self.zo_towers)
             feats, cache = {}, {}
             with self._autocast():
                 # Towers without FO units first: their no-grad transients never sit on top of the
@@ -207,44 +204,23 @@ class HybridStep:
 
             # One loss difference per direction for all ZO towers together, or (zo.per_tower) one per direction
             # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
-            record, diffs, owners = None, [], []
-            groups = [[m] for m in self.zo_towers] if cfg.per_tower else [self.zo_towers]
-            for seed in seeds if self.zo_towers else []:
-                for towers in groups:
-                    current = seed
-                    if offset == 0.0:
-                        self._perturb(seed, +1.0, towers)
-                        offset = 1.0
-                        plus = self._zo_loss(cache, feats, labels, counts, towers)
-                    else:  # fo_at_perturbed: the first forward was already at theta + eps z
-                        plus = loss0
-                    self._check(plus, "a perturbed forward")
-                    if cfg.two_sided:
-                        self._perturb(seed, -2.0, towers)
-                        offset = -1.0
-                        minus = self._zo_loss(cache, feats, labels, counts, towers)
-                        self._check(minus, "a perturbed forward")
-                        self._perturb(seed, +1.0, towers)
-                        diffs.append(plus - minus)
-                    else:
-                        self._perturb(seed, -1.0, towers)
-                        diffs.append(plus - loss0)
-                    owners.append(towers)
-                    offset = 0.0
-            if cfg.fo_at_perturbed and self.zo_towers:
-                loss0 = (plus + minus) / 2  # the loss at theta, to first order
-            # One all-reduce for every scalar of the step: the q loss differences and the loss. A non-finite
+            record, diffs = None, None
+            if self.zo_towers:
+                diffs = self.estimator.differences(seeds, lambda names: self._zo_loss(cache, feats, labels, counts, names),
+                                                   loss0, self._check)
+                if cfg.fo_at_perturbed:
+                    loss0 = (diffs.plus[0] + diffs.minus[0]) / 2  # the loss at theta, to first order
+            # One all-reduce for every scalar of the step: the loss differences and the loss. A non-finite
             # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
             # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must
             # perturb and restore alike, or the rounding of theta + eps z - eps z would set replicas apart.)
-            scalars = self.reduce_scalars(torch.cat([d.reshape(-1) for d in diffs] + [loss0.reshape(-1)]).float())
+            scalars = self.reduce_scalars(torch.cat([d.reshape(-1) for d in (diffs.diffs if diffs else [])] + [loss0.reshape(-1)]).float())
             if self._nonfinite is not None or not torch.isfinite(scalars).all():
                 raise NonFiniteLossError(f"{self._nonfinite or 'non-finite loss on another rank'}; lower the learning rate "
                                          "or epsilon, or enable train.skip_nonfinite")
-            diffs_t, loss_mean = scalars[:-1], float(scalars[-1])
+            loss_mean = float(scalars[-1])
             if self.zo_towers:
-                denom = 2.0 if cfg.two_sided else 1.0
-                coefs = {m: [float(x) / (denom * cfg.eps(m)) for x, own in zip(diffs_t, owners) if m in own] for m in self.zo_towers}
+                coefs = self.estimator.coefficients(scalars[:-1], diffs.blocks)
                 record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
                 self._zo_update(record, cache, feats, labels, loss0, counts)
 
@@ -254,8 +230,7 @@ class HybridStep:
                 self.fo_optimizer.step()
                 self.fo_optimizer.zero_grad(set_to_none=True)
         except BaseException:
-            if offset != 0.0:
-                self._perturb(current, -offset, towers)
+            self.estimator.undo()
             if self.fo_optimizer is not None:
                 self.fo_optimizer.zero_grad(set_to_none=True)
             raise
@@ -269,9 +244,8 @@ class HybridStep:
     def _zo_update(self, record: ZORecord, cache: dict, feats: dict, labels: torch.Tensor, loss0: torch.Tensor, counts: Counter) -> None:
         """The rule object applies the estimate; it may evaluate the loss at the groups' current values."""
         def evaluate() -> torch.Tensor:
-            self.model.noise.seed = self._noise_seed(record.step)
+            self.model.noise.seed = self.noise_seed(record.step)
             return self._zo_loss(cache, feats, labels, counts, self.zo_towers)
 
-        mseeds = {m: [modality_seed(s, m) for s in record.seeds] for m in self.zo_towers}
-        record.extra.update(self.rule.apply(mseeds, record.coefs, self.zo_lr, record.distribution,
+        record.extra.update(self.rule.apply(self.estimator.seeds_of(record.seeds), record.coefs, self.zo_lr, record.distribution,
                                             UpdateContext(evaluate=evaluate, loss0=loss0, reduce=self.reduce_scalars)))

@@ -45,7 +45,3 @@ def perturb_(params: list[torch.Tensor], seed: int, scale: float, distribution: 
             raise TypeError(f"ZO perturbation needs fp32 parameters, got {p.dtype}; keep PEFT units in fp32 (autocast handles the backbone)")
         p.add_(z, alpha=scale)
 
-
-def modality_seed(seed: int, modality: str) -> int:
-    """Independent direction streams per tower, so equal-shaped units of the two towers never share z."""
-    return mix_seed(seed, {"vision": 1, "language": 2}[modality])

@@ -2,7 +2,6 @@
 subclass, one line in `RULES` below, and its test (docs/architecture.md)."""
 from __future__ import annotations
 
-from mozo.zo.directions import modality_seed
 from mozo.zo.rules.adamw import AdamW
 from mozo.zo.rules.base import Groups, Rule, UpdateContext, ZORecord, estimate_
 from mozo.zo.rules.conservative import Conservative
@@ -27,15 +26,16 @@ def get_rule(name: str) -> type[Rule]:
         raise UnknownRuleError(f"unknown zo.rule {name!r}; registered rules: {', '.join(RULES)}") from None
 
 
-def replay(params_by_group: Groups, records: list[ZORecord]) -> None:
-    """Re-apply a logged trajectory of ZO steps to fresh parameters (rules with `replayable`)."""
+def replay(estimator, records: list[ZORecord]) -> None:
+    """Re-apply a logged trajectory of ZO steps to the groups of `estimator` (a `zo.estimator.Estimator` over
+    fresh parameters with the trained groups' streams), for rules with `replayable`."""
     for r in records:
         rule = get_rule(r.rule)
         if not rule.replayable:
             raise ValueError(f"rule {r.rule!r} cannot be replayed from its record (its update depends on more than the record)")
         for group, coefs in r.coefs.items():
-            seeds = [modality_seed(s, group) for s in r.seeds]
-            rule.update_group(params_by_group[group], seeds, coefs, r.lr, r.distribution)
+            seeds = [estimator.group_seed(s, group) for s in r.seeds]
+            rule.update_group(estimator.groups[group].params, seeds, coefs, r.lr, r.distribution)
 
 
 __all__ = ["RULES", "Rule", "UpdateContext", "ZORecord", "estimate_", "get_rule", "replay", "MOZO_EPS", "UnknownRuleError"]
