@@ -53,15 +53,16 @@ def fresh_backbone(tiny_backbone):
 
 @pytest.fixture
 def make_model(fresh_backbone):
-    """make_model(seed=0, **PeftConfig fields) -> MozoCLIP on a private backbone copy.
+    """make_model(seed=0, kind="moe", towers=..., layers=..., **keys of the kind's section) -> MozoCLIP on a
+    private backbone copy, e.g. make_model(kind="lora", rank=4) sets peft.lora.rank (`PeftConfig.of`).
 
     The same seed gives the same unit initialisation (units draw their init from the global RNG).
     """
     from mozo.peft.inject import MozoCLIP, PeftConfig
 
-    def make(seed: int = 0, **peft):
+    def make(seed: int = 0, kind: str = "moe", **peft):
         torch.manual_seed(seed)
-        return MozoCLIP(fresh_backbone(), PeftConfig(**peft))
+        return MozoCLIP(fresh_backbone(), PeftConfig.of(kind, **peft))
 
     return make
 

@@ -12,6 +12,7 @@ import pytest
 from mozo.engine.config import (ALIASES, ConfigError, RunConfig, from_dict, load_config, preset_names, to_dict,
                                 valid_keys)
 from mozo.peft.inject import PeftConfig
+from mozo.peft.moe import MoEConfig
 from mozo.zo.config import ZOConfig, check_range
 from mozo.zo.plan import PlanError, parse_clauses, parse_plan
 
@@ -37,14 +38,14 @@ def refused(*overrides: str, preset: str = "demo") -> str:
     ("epochs=-1", "train.epochs must be an integer >= 1, got -1"),
     ("max_steps_per_task=-1", "train.max_steps_per_task must be an integer >= 0 or null, got -1"),
     ("batch_size=0", "train.batch_size must be an integer >= 1, got 0"),
-    ("peft.rank=0", "peft.rank must be an integer >= 1, got 0"),
-    ("peft.dropout=2", "peft.dropout must be a finite number in [0, 1), got 2.0"),
-    ("peft.dropout=1", "peft.dropout must be a finite number in [0, 1), got 1.0"),
-    ("peft.lora_dropout=-0.1", "peft.lora_dropout must be a finite number in [0, 1), got -0.1"),
-    ("peft.top_k=3", "peft.top_k must be an integer in [1, 2], got 3"),
+    ("peft.moe.rank=0", "peft.moe.rank must be an integer >= 1, got 0"),
+    ("peft.moe.dropout=2", "peft.moe.dropout must be a finite number in [0, 1), got 2.0"),
+    ("peft.adapter.dropout=1", "peft.adapter.dropout must be a finite number in [0, 1), got 1.0"),
+    ("peft.lora.dropout=-0.1", "peft.lora.dropout must be a finite number in [0, 1), got -0.1"),
+    ("peft.moe.top_k=3", "peft.moe.top_k must be an integer in [1, 2], got 3"),
     ("peft.layers=[0,2]", "peft.layers entries must be an integer >= 1, got 0"),
     ("data.eval_batch_size=0", "data.eval_batch_size must be an integer >= 1, got 0"),
-    ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+    ("data.num_workers=-1", "data.num_workers must be one of auto, an integer >= 0, got -1"),
     ("train.warmup_iters=-1", "train.warmup_iters must be an integer >= 0, got -1"),
     ("train.checkpoint_every=-1", "train.checkpoint_every must be an integer >= 0, got -1"),
     ("train.weight_decay=-1", "train.weight_decay must be a finite number >= 0, got -1.0"),
@@ -87,13 +88,13 @@ def test_every_float_key_refuses_nan_and_inf(key, value):
 
 
 def test_float_keys_are_the_expected_ones():
-    assert {"zo.lr", "train.lr", "peft.dropout", "zo.eps_vision", "distributed_timeout_s"} <= set(float_keys())
+    assert {"zo.lr", "train.lr", "peft.moe.dropout", "peft.lora.alpha", "zo.eps_vision", "distributed_timeout_s"} <= set(float_keys())
 
 
 def test_limits_and_documented_controls_are_accepted():
     cfg = load_config("demo", ["zo.lr=0", "train.lr=0", "eval_max_samples=1", "num_tasks=4", "max_steps_per_task=1",
-                               "train.warmup_iters=0", "train.checkpoint_every=0", "data.num_workers=0", "peft.dropout=0",
-                               "peft.lora_dropout=0.99", "seed=0", "zo.eps_vision=1e-6", "peft.top_k=1",
+                               "train.warmup_iters=0", "train.checkpoint_every=0", "data.num_workers=0", "peft.moe.dropout=0",
+                               "peft.lora.dropout=0.99", "seed=0", "zo.eps_vision=1e-6", "peft.moe.top_k=1",
                                "train.max_nonfinite_fraction=1"])
     assert (cfg.zo.lr, cfg.num_tasks, cfg.eval_max_samples) == (0.0, 4, 1)
     cfg = load_config("demo", ["eval_max_samples=null", "max_steps_per_task=null", "num_tasks=null", "zo.eps_vision=null"])
@@ -130,8 +131,10 @@ def test_sections_check_themselves_with_full_key_names():
         ZOConfig(q=0)
     with pytest.raises(ValueError, match=r"^zo\.lr must be a finite number >= 0, got nan$"):
         ZOConfig(lr=float("nan"))
-    with pytest.raises(ValueError, match=r"^peft\.rank must be an integer >= 1, got 0$"):
-        PeftConfig(rank=0)
+    with pytest.raises(ValueError, match=r"^peft\.moe\.rank must be an integer >= 1, got 0$"):
+        PeftConfig(moe=MoEConfig(rank=0))
+    with pytest.raises(ValueError, match=r"^peft\.lora\.rank must be an integer >= 1, got 0$"):
+        PeftConfig.of("lora", rank=0)
     with pytest.raises(ValueError, match="peft.towers must be one or both of vision, language, got 'visionx'"):
         PeftConfig(towers=("visionx",))
 
@@ -147,7 +150,7 @@ def test_sections_check_themselves_with_full_key_names():
     ("peft.towers=vision,vision", "peft.towers must be one or both of vision, language, got 'vision,vision'"),
     ("peft=prompt", "unknown peft kind 'prompt': peft.kind must be one of moe, lora, adapter"),
     ("zo.distribution=uniform", "zo.distribution must be one of gaussian, rademacher, got 'uniform'"),
-    ("peft.lora_targets=q_proj,w_proj", "peft.lora_targets must be a non-empty subset of q_proj, k_proj, v_proj, out_proj, fc1, fc2, got ['q_proj', 'w_proj']"),
+    ("peft.lora.targets=q_proj,w_proj", "peft.lora.targets must be a non-empty subset of q_proj, k_proj, v_proj, out_proj, fc1, fc2, got ['q_proj', 'w_proj']"),
 ])
 def test_bad_choices_name_key_value_and_choices(override, expected):
     assert refused(override) == expected
@@ -205,10 +208,10 @@ def test_malformed_plans_are_refused_by_the_config(plan):
 
 
 def test_plan_grammar_without_depths_reuses_the_parser():
-    clauses = parse_clauses("vision:prefix-6+language:hop-odd")
+    clauses = parse_clauses("vision:prefix-6+language:hop-odd", ("vision", "language"))
     assert [(towers, m.group(0), mode) for towers, m, mode in clauses] == [(("vision",), "prefix-6", None), (("language",), "hop-odd", None)]
     assert [t for t, _, _ in parse_clauses("dual-zo", ("vision",))] == [("vision",)]
-    parse_clauses("vision:1,40")  # beyond the depth: only parse_plan knows
+    parse_clauses("vision:1,40", ("vision", "language"))  # beyond the depth: only parse_plan knows
     with pytest.raises(PlanError, match=r"layers \[40\] are outside 1\.\.12"):
         parse_plan("vision:1,40", {"vision": 12, "language": 12})
     with pytest.raises(PlanError, match="no PEFT units in the language tower"):

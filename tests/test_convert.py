@@ -280,7 +280,7 @@ def test_moe_adapters_import_refuses_mismatches(make_model):
     ref = _reference_adapters()
     with pytest.raises(ValueError, match="num_experts"):
         load_moe_adapters(make_model(kind="moe", num_experts=2, rank=8), ref)
-    with pytest.raises(ValueError, match="peft.scale"):
+    with pytest.raises(ValueError, match="peft.moe.scale"):
         load_moe_adapters(make_model(kind="moe", num_experts=3, rank=8, scale=0.2), ref)
     with pytest.raises(ValueError, match="kind='moe'"):
         load_moe_adapters(make_model(kind="lora"), ref)
@@ -311,7 +311,7 @@ def test_converted_backbone_runs_through_mozo_towers(quick, tmp_path):
     model, tok = quick
     torch.save(_openai_state(model), _with_tokenizer(tmp_path) / "ViT-T-8.pt")
     bb = load_backbone(str(tmp_path / "ViT-T-8.pt"))
-    mz = MozoCLIP(bb, PeftConfig(kind="moe", rank=8)).eval()
+    mz = MozoCLIP(bb, PeftConfig.of("moe", rank=8)).eval()
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = mz.encode_images(pixels), mz.encode_texts(bb.tokenize(PROMPTS, padding="longest"))

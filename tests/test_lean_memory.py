@@ -126,7 +126,7 @@ def full_width_features(model, modality, inputs):
 def test_top_layer_on_the_pooled_rows_gives_the_same_features_and_gradients(make_model, kind):
     from conftest import PROMPTS, randomize_units
 
-    model = make_model(kind=kind, lora_targets=("q_proj", "v_proj", "out_proj", "fc1"))
+    model = make_model(kind=kind, **({"targets": ("q_proj", "v_proj", "out_proj", "fc1")} if kind == "lora" else {}))
     randomize_units(model, std=0.1)
     model.eval()
     inputs = {"vision": {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))},

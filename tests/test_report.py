@@ -24,7 +24,7 @@ def fake_run(path: Path, protocol: str, plan: str, cost: dict) -> Path:
         "task_test_sizes": [100, 100, 100],
         "acc_matrix": matrix,
         "summary": {},
-        "config": {"plan": plan, "peft": {"kind": "lora", "rank": 4}},
+        "config": {"plan": plan, "peft": {"kind": "lora", "lora": {"rank": 4}}},
         "cost": cost,
     }
     path.mkdir(parents=True)

@@ -29,7 +29,7 @@ def test_counts_per_modality_and_kind_tiny(make_model):
     per = d * 16 + 16 + 16 * d + d
     assert adapter == {"vision.adapter": layers * per, "language.adapter": layers * per, "total": 2 * layers * per}
 
-    lora = make_model(kind="lora", lora_rank=4, lora_targets=("q_proj", "v_proj", "fc1")).trainable_parameter_counts()
+    lora = make_model(kind="lora", rank=4, targets=("q_proj", "v_proj", "fc1")).trainable_parameter_counts()
     # q, v: 64 -> 64; fc1: 64 -> 128. A is (r, in), B is (out, r).
     per = 2 * (4 * 64 + 64 * 4) + (4 * 64 + 128 * 4)
     assert lora == {"vision.lora": layers * per, "language.lora": layers * per, "total": 2 * layers * per}
@@ -57,7 +57,7 @@ def test_vit_b16_class_incremental_moe_count():
     import mozo
 
     bb = mozo.load_backbone("vit-b-16")
-    counts = mozo.MozoCLIP(bb, mozo.PeftConfig(kind="moe", num_experts=2, rank=64)).trainable_parameter_counts()
+    counts = mozo.MozoCLIP(bb, mozo.PeftConfig.of("moe", num_experts=2, rank=64)).trainable_parameter_counts()
     vision, language = 12 * moe_params(768), 12 * moe_params(512)
     assert counts["vision.moe"] == vision == 2_416_128
     assert counts["language.moe"] == language == 1_611_264
@@ -163,7 +163,7 @@ def test_experts_draw_independent_dropout_masks():
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("out_proj", "fc1")])
 def test_lora_wraps_only_the_targeted_linears(make_model, targets):
-    model = make_model(kind="lora", lora_targets=targets)
+    model = make_model(kind="lora", targets=targets)
     for modality in ("vision", "language"):
         for layer in model.towers[modality].layers:
             linears = {
@@ -182,5 +182,5 @@ def test_lora_wraps_only_the_targeted_linears(make_model, targets):
 
 
 def test_lora_unknown_target_raises(make_model):
-    with pytest.raises(ValueError, match=r"peft.lora_targets must be a non-empty subset of q_proj.*qkv"):
-        make_model(kind="lora", lora_targets=("q_proj", "qkv"))
+    with pytest.raises(ValueError, match=r"peft.lora.targets must be a non-empty subset of q_proj.*qkv"):
+        make_model(kind="lora", targets=("q_proj", "qkv"))

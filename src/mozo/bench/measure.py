@@ -41,7 +41,7 @@ class BenchSpec:
     """Everything that defines a bench run except the plan (shared by all rows of one table)."""
 
     backbone: str = "tiny"
-    peft: str = "moe"
+    peft: str = "moe"  # a registered unit kind (mozo.peft.registry.kind_names()), at its section's defaults
     towers: tuple = ("vision", "language")  # towers that get PEFT units
     batch: int = 4
     classes: int = 10

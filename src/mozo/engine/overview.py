@@ -5,6 +5,7 @@ screen cannot disagree with the run.
 """
 from __future__ import annotations
 
+from mozo.data.loader import describe_workers, workers_summary
 from mozo.engine.step import forwards_per_step
 
 
@@ -24,8 +25,8 @@ def run_overview(runner) -> str:
     zo_towers = [m for m in ("vision", "language") if plan.has("zo", m)]
     steps = [runner.steps_for_task(t) for t in range(len(runner.tasks))]
     p = cfg.peft
-    unit = f"{p.kind}, rank {p.rank}, {p.num_experts} experts" if p.kind == "moe" else (
-        f"lora, rank {p.lora_rank}, targets {','.join(p.lora_targets)}" if p.kind == "lora" else f"{p.kind}, rank {p.rank}")
+    section = p.section()  # the kind's own config section tells its sizes
+    unit = f"{p.kind}, {section.summary()}" if hasattr(section, "summary") else p.kind
     lines = [
         f"run       {cfg.name} -> {runner.out}",
         f"backbone  {cfg.backbone} on {runner.device} ({cfg.train.precision}); {runner.scenario.protocol} "
@@ -46,5 +47,7 @@ def run_overview(runner) -> str:
         f"steps     batch {cfg.train.batch_size}, {cfg.train.epochs} epoch(s); per task {', '.join(map(str, steps))} (total {sum(steps)})",
         f"per step  {forwards_per_step(cfg.zo, len(zo_towers))} forward(s) of the loss, "
         f"{1 if plan.has('fo') else 0} backward; world size {runner.dist.world_size}",
+        "loader    " + workers_summary(describe_workers(cfg.data.num_workers, runner.device, {t.name: t.train for t in runner.tasks},
+                                                    cfg.train.batch_size, runner.backbone.image_size)),
     ]
     return "\n".join(lines)

@@ -91,13 +91,13 @@ def load_moe_adapters(model, source, task: int = -1) -> dict[str, torch.Tensor]:
     scales = {e.scale for u in model.unit_list() for e in u.experts}
     if scales != {REFERENCE_SCALE}:
         raise ValueError(f"the reference adapters scale by {REFERENCE_SCALE} (not saved in the checkpoint); "
-                         f"this model uses peft.scale={sorted(scales)}")
+                         f"this model uses peft.moe.scale={sorted(scales)}")
     state = moe_adapters_to_mozo(source, task, name)
     own = model.units.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state) if state[k].shape != own[k].shape]
     if missing or extra or shapes:
-        raise ValueError(f"{name} does not match this model's MoE units (check peft.layers, num_experts, rank):"
+        raise ValueError(f"{name} does not match this model's MoE units (check peft.layers, peft.moe.num_experts, peft.moe.rank):"
                          + (f" missing {missing[:6]}" if missing else "") + (f" not in the model {extra[:6]}" if extra else "")
                          + (f" shapes {shapes[:4]}" if shapes else ""))
     model.units.load_state_dict(state)

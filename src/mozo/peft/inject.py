@@ -1,67 +1,19 @@
 """Attach PEFT units to a frozen CLIP backbone: `MozoCLIP`, the model every other part of mozo uses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from mozo.backbone.clip import Backbone
 from mozo.backbone.towers import MODALITIES, Tower, TowerInput
-from mozo.peft.adapter import Adapter
-from mozo.peft.lora import LORA_TARGETS, LoRA
-from mozo.peft.moe import MoEAdapter
+from mozo.peft.registry import PeftConfig, get_kind
 from mozo.peft.units import NoiseControl, PeftUnit, UnitInfo
-from mozo.zo.config import check_range
+from mozo.zo.plan import Plan, parse_plan
 
-PEFT_KINDS = ("moe", "lora", "adapter")
-
-
-@dataclass
-class PeftConfig:
-    """Which units, where, and their sizes. Defaults: the class-incremental MoE-Adapters setting."""
-
-    kind: str = "moe"  # moe | lora | adapter
-    towers: tuple[str, ...] = MODALITIES
-    layers: Optional[list[int]] = None  # 1-based layers that get a unit; None = every layer
-    rank: int = 64  # bottleneck width of experts / adapters
-    num_experts: int = 2
-    top_k: int = 2
-    scale: float = 0.1
-    dropout: float = 0.1
-    noisy_gating: bool = True
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Every value checked before a backbone loads (layers beyond a tower's depth: MozoCLIP)."""
-        if self.kind not in PEFT_KINDS:
-            raise ValueError(f"unknown peft kind {self.kind!r}: peft.kind must be one of {', '.join(PEFT_KINDS)}")
-        towers = tuple(self.towers)
-        if not towers or not set(towers) <= set(MODALITIES) or len(set(towers)) < len(towers):
-            raise ValueError(f"peft.towers must be one or both of {', '.join(MODALITIES)}, got {','.join(map(str, towers))!r}")
-        if self.layers is not None:
-            if not self.layers:
-                raise ValueError("peft.layers must be null (every layer) or a non-empty list of layers >= 1, got []")
-            for layer in self.layers:
-                check_range("peft.layers entries", layer, 1, integer=True)
-        for key in ("rank", "num_experts", "lora_rank"):
-            check_range(f"peft.{key}", getattr(self, key), 1, integer=True)
-        check_range("peft.top_k", self.top_k, 1, self.num_experts, integer=True)
-        check_range("peft.scale", self.scale)
-        check_range("peft.lora_alpha", self.lora_alpha, 0, open_low=True)
-        for key in ("dropout", "lora_dropout"):
-            check_range(f"peft.{key}", getattr(self, key), 0, 1, open_high=True)
-        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        if unknown or not self.lora_targets:
-            raise ValueError(f"peft.lora_targets must be a non-empty subset of {', '.join(LORA_TARGETS)}, got {list(self.lora_targets)}")
+__all__ = ["MozoCLIP", "PeftConfig"]
 
 
 class MozoCLIP(nn.Module):
@@ -95,12 +47,8 @@ class MozoCLIP(nn.Module):
         self._parallel = {m: {u.info.layer - 1: u for u in self.unit_list() if u.info.modality == m and u.parallel} for m in MODALITIES}
 
     def _make_unit(self, info: UnitInfo, uid: int, tower: Tower) -> PeftUnit:
-        p = self.peft
-        if p.kind == "moe":
-            return MoEAdapter(info, uid, self.noise, tower.width, p.num_experts, p.top_k, p.rank, p.scale, p.dropout, p.noisy_gating)
-        if p.kind == "adapter":
-            return Adapter(info, uid, self.noise, tower.width, p.rank, p.scale, p.dropout)
-        return LoRA(info, uid, self.noise, tower.layers[info.layer - 1], p.lora_rank, p.lora_alpha, p.lora_dropout, tuple(p.lora_targets))
+        """One unit of the configured kind (mozo/peft/registry.py), from that kind's config section."""
+        return get_kind(self.peft.kind).unit.from_config(self.peft.section(), info, uid, self.noise, tower)
 
     # -- structure -------------------------------------------------------------------------------
     def unit_list(self) -> list[PeftUnit]:
@@ -120,9 +68,6 @@ class MozoCLIP(nn.Module):
         return self
 
     # -- forwards --------------------------------------------------------------------------------
-    def start(self, modality: str, inputs: dict) -> TowerInput:
-        return self.towers[modality].embed(inputs)
-
     def encode(self, modality: str, inputs: dict | None = None, start: TowerInput | None = None,
                capture_at: int | None = None) -> tuple[torch.Tensor, TowerInput | None]:
         """Features of one tower, from raw inputs or from a cached `TowerInput` mid-encoder.
@@ -159,6 +104,23 @@ class MozoCLIP(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-    def unit_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters only (what checkpoints store)."""
-        return {k: v.detach().clone() for k, v in self.units.state_dict().items()}
+    def plan(self, text: str) -> Plan:
+        """Parse a plan (zo/plan.py) against the units this model has: layers without units are dropped."""
+        depths = {m: self.num_layers(m) for m in dict.fromkeys(u.info.modality for u in self.unit_list())}
+        present = {(u.info.modality, u.info.layer) for u in self.unit_list()}
+        plan = parse_plan(text, depths)
+        return Plan(plan.text, {k: v for k, v in plan.modes.items() if k in present})
+
+    @contextlib.contextmanager
+    def units_disabled(self) -> Iterator[None]:
+        """Forwards inside run the bare backbone, every unit switched off: the zero-shot model (a
+        distillation teacher, `mozo.methods.zscl`) without a second copy of the weights."""
+        parallel, self._parallel = self._parallel, {m: {} for m in self._parallel}
+        for u in self.unit_list():
+            u.enabled = False
+        try:
+            yield
+        finally:
+            self._parallel = parallel
+            for u in self.unit_list():
+                u.enabled = True

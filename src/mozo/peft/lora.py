@@ -5,12 +5,39 @@ the same granularity (modality, layer) for LoRA as for adapters.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from mozo.peft.units import NoiseControl, PeftUnit, UnitInfo
+from mozo.zo.config import check_range
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """`peft.lora.*`."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # any of LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "peft.lora") -> None:
+        check_range(f"{prefix}.rank", self.rank, 1, integer=True)
+        check_range(f"{prefix}.alpha", self.alpha, 0, open_low=True)
+        check_range(f"{prefix}.dropout", self.dropout, 0, 1, open_high=True)
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"{prefix}.targets must be a non-empty subset of {', '.join(LORA_TARGETS)}, got {list(self.targets)}")
+
+    def summary(self) -> str:
+        return f"rank {self.rank}, targets {','.join(self.targets)}"
 
 
 class LoRALinear(nn.Module):
@@ -23,6 +50,8 @@ class LoRALinear(nn.Module):
         object.__setattr__(self, "_unit", unit)  # not a submodule: the unit owns the parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._unit.enabled:  # MozoCLIP.units_disabled()
+            return self.base(x)
         return self.base(x) + self._unit.delta(self.key, x)
 
 
@@ -47,6 +76,13 @@ class LoRA(PeftUnit):
             self.A[key] = nn.Parameter(a)
             self.B[key] = nn.Parameter(torch.zeros(base.out_features, rank))
             setattr(parent, key, LoRALinear(base, self, key))
+
+    @classmethod
+    def from_config(cls, cfg: LoRAConfig, info: UnitInfo, uid: int, noise: NoiseControl, tower) -> "LoRA":
+        return cls(info, uid, noise, tower.layers[info.layer - 1], cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+
+    def has_noise(self) -> bool:
+        return self.p > 0.0
 
     def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.A[key], self.B[key]

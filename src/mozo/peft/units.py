@@ -12,7 +12,7 @@ the layers below the lowest ZO unit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 class UnitInfo:
     modality: str  # "vision" | "language"
     layer: int  # 1-based, as in the paper (layer 1 is next to the input)
-    kind: str  # "moe" | "lora" | "adapter"
+    kind: str  # a registered unit kind: "moe" | "lora" | "adapter" | ...
 
     @property
     def name(self) -> str:
@@ -46,7 +46,11 @@ class NoiseControl:
 
 
 class PeftUnit(nn.Module):
-    """Base class: a unit knows its place and draws noise only through `noise_generator`."""
+    """Base class: a unit knows its place and draws noise only through `noise_generator`.
+
+    A unit kind (mozo/peft/registry.py) implements `from_config` (build one unit from its config
+    section) and `has_noise`; the base raises NotImplementedError so a new kind cannot forget them.
+    """
 
     parallel: bool = False  # True: called with the block input, output added after the MLP
 
@@ -55,6 +59,18 @@ class PeftUnit(nn.Module):
         self.info = info
         self.uid = uid
         self._noise = noise  # plain attribute: not a submodule, not in state_dict
+        self.enabled = True  # False inside MozoCLIP.units_disabled()
+
+    @classmethod
+    def from_config(cls, cfg: Any, info: UnitInfo, uid: int, noise: NoiseControl, tower: Any) -> "PeftUnit":
+        """The unit of `info`'s layer built from its kind's config section `cfg` (`peft.<kind>.*`);
+        `tower` (mozo.backbone.towers.Tower) gives the width and the blocks."""
+        raise NotImplementedError(f"{cls.__name__} must implement from_config(cfg, info, uid, noise, tower)")
+
+    def has_noise(self) -> bool:
+        """True when a training-mode forward draws noise (dropout with p > 0, router noise): then
+        two forwards of one input differ unless `NoiseControl.seed` is set."""
+        raise NotImplementedError(f"{type(self).__name__} must implement has_noise()")
 
     def noise_generator(self, device: torch.device, stream: int = 0) -> Optional[torch.Generator]:
         return self._noise.generator(self.uid, device, stream)
