@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mozo.zo.plan import GRAMMAR, PlanError, parse_plan, plan_for_model
+from mozo.zo.plan import GRAMMAR, PlanError, parse_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,10 +91,10 @@ def test_malformed_plans_raise_with_the_grammar(text, n):
 
 def test_plan_for_model_keeps_only_existing_units(make_model):
     model = make_model(kind="moe", towers=("vision",), layers=[2, 4])
-    plan = plan_for_model("vision:hop-even", model)
+    plan = model.plan("vision:hop-even")
     assert plan.modes == {("vision", 2): "zo", ("vision", 4): "zo"}
     with pytest.raises(PlanError, match="no PEFT units in the language tower"):
-        plan_for_model("language-zo", model)
+        model.plan("language-zo")
 
 
 # ------------------------------------------------------------------------------ =MODE and controls

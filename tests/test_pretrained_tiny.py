@@ -9,7 +9,7 @@ import torch
 
 from mozo.backbone.clip import SHIPPED_TINY, load_backbone
 from mozo.demo import pretrain as P
-from mozo.demo import stream as S
+from mozo.data import demo_stream as S
 
 TOLERANCE = 2.0  # accuracy points: float differences across CPUs / library versions
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mozo
+from mozo.methods import Method, MethodConfig
 import mozo.backbone.towers as towers
 from conftest import randomize_units, snapshot
 
@@ -184,13 +185,14 @@ def test_fo_at_perturbed_restores_zo_parameters(make_model, batch):
 
 # -- non-finite losses ---------------------------------------------------------------------------
 
-class NaNOnCall:
+class NaNOnCall(Method):
     """Cross-entropy, except that call number `bad` (1-based) returns NaN."""
 
     def __init__(self, bad: int):
+        super().__init__(MethodConfig())
         self.bad, self.calls = bad, 0
 
-    def __call__(self, logits, labels):
+    def loss(self, logits, labels, prepared):
         self.calls += 1
         loss = F.cross_entropy(logits, labels)
         return loss * float("nan") if self.calls == self.bad else loss
@@ -201,7 +203,7 @@ def test_non_finite_loss_raises_and_leaves_parameters(make_model, batch, where):
     pixels, labels, text = batch
     model = make_model(kind="moe")
     loss_fn = NaNOnCall(bad=10**9)
-    step = mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(lr=1e-2), fo_lr=1e-2, seed=0, loss_fn=loss_fn)
+    step = mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(lr=1e-2), fo_lr=1e-2, seed=0, method=loss_fn)
     step(pixels, labels, text)  # a normal step first: the FO optimizer has state, parameters moved
     before = snapshot(model)
     if where == "first":  # NaN pixels: L(theta) itself is NaN
@@ -255,7 +257,7 @@ def test_every_plan_lowers_the_training_loss(make_model, tiny_backbone, plan, zo
 
     g = torch.Generator().manual_seed(0)
     pixels, labels, text = torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 2, tiny_backbone.tokenize(PROMPTS)
-    model = make_model(kind="lora", lora_rank=1)
+    model = make_model(kind="lora", rank=1)
     start = eval_loss(model, pixels, labels, text)
     step = mozo.HybridStep(model, plan, zo, fo_lr=fo_lr, seed=0)
     for _ in range(steps):

@@ -23,7 +23,6 @@ _EXPORTS = {
     "PeftConfig": "mozo.peft.inject",
     "Plan": "mozo.zo.plan",
     "parse_plan": "mozo.zo.plan",
-    "plan_for_model": "mozo.zo.plan",
     "ZOConfig": "mozo.zo.config",
     "HybridStep": "mozo.engine.step",
     "StepStats": "mozo.engine.step",

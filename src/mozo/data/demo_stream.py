@@ -216,7 +216,7 @@ def render_shapes(items: Sequence[tuple[str, str, str]], rng: np.random.Generato
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _upscale8(images: np.ndarray) -> np.ndarray:
+def upscale8(images: np.ndarray) -> np.ndarray:
     """(n, 8, 8) stroke intensity in [0, 1] -> (n, 32, 32): bicubic to 24x24, centred on a 32x32 canvas."""
     big = np.stack([np.asarray(Image.fromarray(im.astype(np.float32)).resize((24, 24), Image.BICUBIC)) for im in images])
     canvas = np.zeros((len(images), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
@@ -231,7 +231,7 @@ def _paper(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE) -> np.ndarr
     return np.clip(base + noise, 0, 255).astype(np.float32)
 
 
-def _ink(strokes: np.ndarray, inks: Sequence[str], rng: np.random.Generator, shift: int = 0) -> np.ndarray:
+def ink(strokes: np.ndarray, inks: Sequence[str], rng: np.random.Generator, shift: int = 0) -> np.ndarray:
     """(n, 32, 32) stroke intensities -> (n, 32, 32, 3) uint8: `inks` (names of `INKS`) on paper.
 
     `shift` > 0 also moves each digit by up to `shift` pixels (pretraining augmentation).
@@ -251,17 +251,17 @@ def _ink(strokes: np.ndarray, inks: Sequence[str], rng: np.random.Generator, shi
 
 
 @lru_cache(maxsize=1)
-def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+def digits_raw() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's handwritten digits as (1797, 32, 32) float32 stroke intensity in [0, 1], and labels."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    return _upscale8(np.asarray(data.images, dtype=np.float32) / 16.0), np.asarray(data.target, dtype=np.int64)
+    return upscale8(np.asarray(data.images, dtype=np.float32) / 16.0), np.asarray(data.target, dtype=np.int64)
 
 
 def digit_split(seed: int = DIGIT_SPLIT_SEED) -> dict[str, np.ndarray]:
     """Indices into sklearn's digits: {"train", "test"}, half of every class each (seeded, fixed)."""
-    _, labels = _digits_raw()
+    _, labels = digits_raw()
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {"train": [], "test": []}
     for d in range(10):
@@ -274,8 +274,8 @@ def digit_split(seed: int = DIGIT_SPLIT_SEED) -> dict[str, np.ndarray]:
 
 def render_digits(indices: np.ndarray, inks: Sequence[str], rng: np.random.Generator, shift: int = 0) -> np.ndarray:
     """Handwritten digits `indices` (into sklearn's digits) in `inks` on paper: (n, 32, 32, 3) uint8."""
-    strokes, _ = _digits_raw()
-    return _ink(strokes[np.asarray(indices)], inks, rng, shift)
+    strokes, _ = digits_raw()
+    return ink(strokes[np.asarray(indices)], inks, rng, shift)
 
 
 @lru_cache(maxsize=None)
@@ -288,7 +288,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _printed8(digit: int, rng: np.random.Generator) -> np.ndarray:
+def printed8(digit: int, rng: np.random.Generator) -> np.ndarray:
     """One typeset digit reduced like scikit-learn's: (8, 8) intensities in 17 levels, in [0, 1]."""
     s = 64
     img = Image.new("L", (s, s), 0)
@@ -322,8 +322,8 @@ def _printed8(digit: int, rng: np.random.Generator) -> np.ndarray:
 def render_printed_digits(digits: Sequence[int], inks: Sequence[str], rng: np.random.Generator,
                           shift: int = 0) -> np.ndarray:
     """Typeset digits in `inks` on paper, in the style of the handwritten ones: (n, 32, 32, 3) uint8."""
-    small = np.stack([_printed8(int(d), rng) for d in digits]) if len(digits) else np.zeros((0, 8, 8), np.float32)
-    return _ink(_upscale8(small), inks, rng, shift)
+    small = np.stack([printed8(int(d), rng) for d in digits]) if len(digits) else np.zeros((0, 8, 8), np.float32)
+    return ink(upscale8(small), inks, rng, shift)
 
 
 # ------------------------------------------------------------------------------------------- the stream
@@ -339,7 +339,7 @@ def _class_images(classname: str, n: int, part: str, rng: np.random.Generator, s
     kind, key = _parse(classname)
     if kind == "digit":
         split = digit_split()
-        _, labels = _digits_raw()
+        _, labels = digits_raw()
         pool = split[part][labels[split[part]] == key]
         take = np.random.default_rng([seed, key, 0 if part == "train" else 1]).permutation(pool)[:n]
         return render_digits(take, [INK_NAMES[i] for i in rng.integers(0, len(INK_NAMES), len(take))], rng)

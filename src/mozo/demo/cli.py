@@ -67,7 +67,7 @@ def _bench_rows(plans: list[tuple[str, list[str]]], batch: int, classes: int) ->
 
 
 def main(args: argparse.Namespace) -> int:
-    from mozo.demo.stream import build_demo_scenario
+    from mozo.data.demo_stream import build_demo_scenario
     from mozo.engine.config import load_config
     from mozo.engine.loop import run_experiment
     from mozo.report import write_report

@@ -3,7 +3,7 @@
 The model is a transformers `CLIPModel` (4+4 layers, width 96, 32 px images in 8 px patches, about
 0.7M parameters, 2.8 MB), so every PEFT unit and plan of mozo applies to it unchanged. It is trained
 from scratch, all weights, with AdamW on the symmetric contrastive CLIP loss over captioned images
-(`mozo.demo.stream` draws them):
+(`mozo.data.demo_stream` draws them):
 
 - generated shapes: "a photo of a small red circle", "a bad photo of a red circle.", "a star",
   "a blue shape", ...;
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mozo.demo import stream as S
+from mozo.data import demo_stream as S
 
 TEMPLATE = "a bad photo of a {}."  # the engine's prompt (DataConfig.template)
 TEMPLATES = ("a photo of a {}.", "a bad photo of a {}.", "a {}.", "{}", "a picture of a {}.",
@@ -157,7 +157,7 @@ class PretrainData:
         self.shape_attrs = np.asarray(attrs, dtype=np.int64)
         glyph_rng = np.random.default_rng([seed, 3])
         self.digit_labels = np.repeat(np.arange(10), printed_per_digit)
-        self.digit_strokes = S._upscale8(np.stack([S._printed8(int(d), glyph_rng) for d in self.digit_labels]))
+        self.digit_strokes = S.upscale8(np.stack([S.printed8(int(d), glyph_rng) for d in self.digit_labels]))
         if progress:
             print(f"rendered {len(items)} shapes of {len(combos)} held-in pairs and {len(self.digit_labels)} printed "
                   f"digits in {time.time() - t0:.1f}s", flush=True)
@@ -171,7 +171,7 @@ class PretrainData:
         s_attr = self.shape_attrs[si]
         di = rng.integers(0, len(self.digit_labels), n_digits)
         colours = rng.integers(0, len(S.INK_NAMES), n_digits)  # the "colour" column of digits holds the ink
-        digits = S._ink(self.digit_strokes[di], [S.INK_NAMES[c] for c in colours], rng, shift=2)
+        digits = S.ink(self.digit_strokes[di], [S.INK_NAMES[c] for c in colours], rng, shift=2)
         d_attr = np.stack([np.ones(n_digits, dtype=np.int64), np.full(n_digits, ANY), colours,
                            np.full(n_digits, ANY), self.digit_labels[di]], axis=1)
         caps, cons = [], []
@@ -249,7 +249,7 @@ def _eval_sets() -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     printed = np.repeat(np.arange(10), PRINTED_EVAL_PER_DIGIT)
     inks = rng.integers(0, len(S.INK_NAMES), len(printed))
     groups["printed_digits"] = (S.render_printed_digits(printed, [S.INK_NAMES[c] for c in inks], rng), printed, digit_names)
-    _, dlabels = S._digits_raw()
+    _, dlabels = S.digits_raw()
     test = S.digit_split()["test"]
     inks = rng.integers(0, len(S.INK_NAMES), len(test))
     groups["handwritten_digits"] = (S.render_digits(test, [S.INK_NAMES[c] for c in inks], rng), dlabels[test], digit_names)

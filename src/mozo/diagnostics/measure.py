@@ -44,20 +44,12 @@ class Batch:
 
 
 # ----------------------------------------------------------------------------------------- batches
-def demo_available() -> bool:
-    try:
-        from mozo.demo.stream import build_demo_scenario  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def demo_batches(backbone, batch_size: int, count: int, seed: int = 0, template: str = "a bad photo of a {}.",
                  device: torch.device | str = "cpu") -> list[Batch]:
     """`count` batches from task 0 of the demo stream (eval transform, seeded order, cycling if needed)."""
     from mozo.data.loader import TransformedDataset
     from mozo.data.transforms import make_transform
-    from mozo.demo.stream import build_demo_scenario
+    from mozo.data.demo_stream import build_demo_scenario
 
     task = build_demo_scenario(seed=seed, num_tasks=1).tasks[0]
     tf = make_transform(False, backbone.image_size, backbone.mean, backbone.std)
@@ -91,14 +83,9 @@ def random_batches(backbone, batch_size: int, count: int, seed: int = 0, templat
 
 
 def make_batches(source: str, backbone, batch_size: int, count: int, seed: int = 0, device="cpu") -> list[Batch]:
-    """`demo` (falls back to `random` with a note when the demo stream is missing) or `random`."""
+    """`demo` (task 0 of the demo stream that ships with mozo) or `random`."""
     if source == "demo":
-        if demo_available():
-            return demo_batches(backbone, batch_size, count, seed, device=device)
-        out = random_batches(backbone, batch_size, count, seed, device=device)
-        for b in out:
-            b.note = "demo stream not available (mozo.demo.stream missing): " + b.note
-        return out
+        return demo_batches(backbone, batch_size, count, seed, device=device)
     if source == "random":
         return random_batches(backbone, batch_size, count, seed, device=device)
     raise ValueError(f"unknown batch source {source!r}; choose demo or random")
@@ -268,9 +255,8 @@ def aggregate(rows: list[dict], eps: Sequence[float], q: Sequence[int]) -> dict:
 # ----------------------------------------------------------------------------------------- joint (as trained)
 def plan_groups(model: MozoCLIP, plan_text: str) -> dict[str, list]:
     """The ZO units of a plan per tower (the step's parameter groups), in the step's order."""
-    from mozo.zo.plan import plan_for_model
-
-    plan = plan_for_model(plan_text, model)
+    
+    plan = model.plan(plan_text)
     units = {m: [u for u in model.unit_list() if u.info.modality == m and plan.mode(m, u.info.layer) == "zo"] for m in MODALITIES}
     if not any(units.values()):
         raise ValueError(f"plan {plan_text!r} has no zeroth-order unit")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mozo.report.plots import _figure
+from mozo.report.plots import figure
 
 COLOURS = {"vision": "tab:blue", "language": "tab:orange"}
 
@@ -20,7 +20,7 @@ def plot_variance_per_layer(report: dict, path: str | Path, ref_eps: float | Non
     """Variance (trace of covariance) per layer, both towers; right: normalised by ||g||^2, with P + 1."""
     eps = report["estimator"]["eps"]
     i = reference_index(eps, ref_eps)
-    fig = _figure(10, 4)
+    fig = figure(10, 4)
     ax1, ax2 = fig.subplots(1, 2)
     for m in ("vision", "language"):
         rows = sorted((r for r in report["rows"] if r["modality"] == m and r["layer"] is not None), key=lambda r: r["layer"])
@@ -51,7 +51,7 @@ def plot_cosine_vs_q(report: dict, path: str | Path, ref_eps: float | None = Non
     eps = report["estimator"]["eps"]
     qs = report["estimator"]["q"]
     i = reference_index(eps, ref_eps)
-    fig = _figure(6, 4)
+    fig = figure(6, 4)
     ax = fig.subplots()
     for m, agg in report["modalities"].items():
         vals = [(q, agg["by_eps"][i]["cosine"][str(q)]) for q in qs if agg["by_eps"][i]["cosine"][str(q)] is not None]
@@ -74,7 +74,7 @@ def plot_cosine_vs_q(report: dict, path: str | Path, ref_eps: float | None = Non
 def plot_loss_diff_vs_eps(report: dict, path: str | Path) -> Path:
     """Left: mean |L(theta+eps z) - L(theta)| and its first-order prediction; right: finite-difference error."""
     eps = report["estimator"]["eps"]
-    fig = _figure(10, 4)
+    fig = figure(10, 4)
     ax1, ax2 = fig.subplots(1, 2)
     for m in report["modalities"]:
         rows = [r for r in report["rows"] if r["modality"] == m]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mozo.diagnostics.cli import _floats, _ints
+from mozo.diagnostics.cli import parse_floats, parse_ints
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = "\n".join(__doc__.split("\n")[2:])
     p.add_argument("--preset", default="demo", help="preset name or YAML file (default demo: backbone mozo-tiny, protocol demo)")
-    p.add_argument("--eps-vision", type=_floats, default=[1e-4, 5e-4, 1e-3])
-    p.add_argument("--eps-language", type=_floats, default=[5e-4, 1e-3, 2e-3])
-    p.add_argument("--lr", type=_floats, default=[1e-4, 3e-4, 1e-3], help="zo.lr values (the sign rule moves every parameter by lr per step)")
+    p.add_argument("--eps-vision", type=parse_floats, default=[1e-4, 5e-4, 1e-3])
+    p.add_argument("--eps-language", type=parse_floats, default=[5e-4, 1e-3, 2e-3])
+    p.add_argument("--lr", type=parse_floats, default=[1e-4, 3e-4, 1e-3], help="zo.lr values (the sign rule moves every parameter by lr per step)")
     p.add_argument("--plan", default="dual:hop-odd", help="plan of every run (default dual:hop-odd: both towers hold ZO units)")
     p.add_argument("--max-steps-per-task", type=int, default=None)
     p.add_argument("--seeds", type=_ints_or_zero, default=[0], help="comma-separated seeds; Last/Avg are averaged over them")

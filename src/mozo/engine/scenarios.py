@@ -15,7 +15,7 @@ def build_scenario(cfg: RunConfig, data_root: str | Path | None) -> Scenario:
     """Build the scenario named by `cfg.data.protocol` from the datasets under `data_root`."""
     name = cfg.data.protocol
     if name == "demo":
-        from mozo.demo.stream import build_demo_scenario
+        from mozo.data.demo_stream import build_demo_scenario
 
         return build_demo_scenario(seed=cfg.seed)
     if data_root is None:

@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mozo.backbone.towers import MODALITIES, TOWER_STREAMS
+from mozo.methods import MethodConfig, Prepared
+from mozo.methods.base import Method
+from mozo.methods.baseline import Baseline
 from mozo.peft.inject import MozoCLIP
 from mozo.zo.config import ZOConfig
 from mozo.zo.directions import mix_seed
 from mozo.zo.estimator import Estimator, Group
-from mozo.zo.plan import Plan, plan_for_model
+from mozo.zo.plan import Plan
 from mozo.zo.rules import UpdateContext, ZORecord, get_rule
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss is NaN or infinite; parameters were left as they were before the step."""
@@ -65,14 +64,16 @@ class HybridStep:
     """A training step for one model and plan. Build once per task (the FO optimizer lives here)."""
 
     def __init__(self, model: MozoCLIP, plan: Plan | str, zo: ZOConfig | None = None, fo_lr: float = 1e-3,
-                 fo_weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = F.cross_entropy,
+                 fo_weight_decay: float = 0.0, seed: int = 0, method: Method | None = None,
                  precision: str = "fp32",
                  reduce_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reduce_grads: Callable[[list[torch.Tensor]], None] | None = None, noise_rank: int = 0):
         self.model = model
-        self.plan = plan_for_model(plan, model) if isinstance(plan, str) else plan
+        self.plan = model.plan(plan) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
-        self.seed, self.loss_fn, self.precision = seed, loss_fn, precision
+        self.seed, self.precision = seed, precision
+        self.method = method or Baseline(MethodConfig())  # its loss is the loss of every evaluation of the step
+        self._prepared = Prepared()
         self.reduce_scalars = reduce_scalars or (lambda t: t)
         self.reduce_grads = reduce_grads
         self.step_index = 0  # the ZO seed counter: checkpoints store it
@@ -98,7 +99,7 @@ class HybridStep:
         # reused while the prompts stay the same (docs/benchmarks.md, optimisation 2).
         lang_units = [u for u in model.unit_list() if u.info.modality == "language"]
         self.static_text = ("language" not in self.fo_towers and "language" not in self.zo_towers
-                            and all(getattr(u, "p", 0.0) <= 0.0 and not getattr(u, "noisy", False) for u in lang_units))
+                            and not any(u.has_noise() for u in lang_units))
         self._text_params = [p for u in lang_units for p in u.parameters()]
         self._text_cache: Optional[tuple[dict, tuple, torch.Tensor]] = None  # (prompt tensors, unit versions, features)
 
@@ -131,7 +132,7 @@ class HybridStep:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model.logits(feats["vision"], feats["language"]).float(), labels)
+        return self.method.loss(self.model.logits(feats["vision"], feats["language"]).float(), labels, self._prepared)
 
     def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers) -> torch.Tensor:
         """Loss with `towers` recomputed from their prefix cache, other towers' features reused."""
@@ -176,6 +177,11 @@ class HybridStep:
         inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
         try:
             model.noise.seed = noise_seed
+            with torch.no_grad():  # the method's per-batch constants (a teacher's logits), counted as forwards
+                self._prepared = self.method.prepare(model, pixel_values, labels, text_inputs)
+            for m, n in self._prepared.tower_forwards.items():
+                counts[f"tower:{m}"] += n
+                counts[f"layers:{m}"] += n * model.num_layers(m)
             if cfg.fo_at_perturbed and self.zo_towers:  # the FO forward runs at theta + eps z(seeds[0])
                 self.estimator.perturb(seeds[0], +1.0, self.zo_towers)
             feats, cache = {}, {}

@@ -23,7 +23,7 @@ def _plain(text: object) -> str:
     return printable(text).replace("$", r"\$")
 
 
-def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+def figure(width: float, height: float):  # -> matplotlib.figure.Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -49,7 +49,7 @@ def plot_acc_matrix(run: RunResult, path: str | Path) -> Path:
     rows, width = len(matrix), len(matrix[0])
     data = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in r] for r in matrix], float))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    fig = _figure(min(20.0, 2.5 + 0.55 * width), min(16.0, 1.8 + 0.45 * rows))
+    fig = figure(min(20.0, 2.5 + 0.55 * width), min(16.0, 1.8 + 0.45 * rows))
     ax = fig.add_subplot()
     image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
@@ -73,7 +73,7 @@ def plot_acc_per_step(runs: Sequence[RunResult], path: str | Path) -> Path:
     """All runs' accuracy after each task on one axis: acc_i for CIL, the row mean for MTCL."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(7.0, 4.5)
+    fig = figure(7.0, 4.5)
     ax = fig.add_subplot()
     for run in runs:
         steps = run.summary["step_acc"]
@@ -106,7 +106,7 @@ def plot_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One training step's live-tensor peak (MiB, worst task) and wall time (s) per run, side by side (rows as
     built by `build_row`). Not the process RSS: on a CPU it is the same for every plan."""
     names = [_plain(r["run"]) for r in rows]
-    fig = _figure(max(7.0, 1.2 * len(names) + 3), 4.0)
+    fig = figure(max(7.0, 1.2 * len(names) + 3), 4.0)
     mem_ax, time_ax = fig.subplots(1, 2)
     _bars(mem_ax, names, [r.get("step_peak_mib") for r in rows], "step peak, live tensors (MiB)", 0)
     _bars(time_ax, names, [r.get("wall_time_s") for r in rows], "wall time (s)", 1)

@@ -1,6 +1,7 @@
 """Every knob of the zeroth-order estimator and update, with the defaults mozo chose and why."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -82,8 +83,9 @@ class ZOConfig:
         check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
         check_range("zo.q", self.q, 1, integer=True)
         check_range("zo.weight_decay", self.weight_decay, 0)
-        for modality in ("vision", "language"):
-            check_range(f"zo.eps_{modality}", getattr(self, f"eps_{modality}"), 0, open_low=True, optional=True)
+        for f in dataclasses.fields(self):  # one epsilon key per parameter group the step names (eps_<group>)
+            if f.name.startswith("eps_"):
+                check_range(f"zo.{f.name}", getattr(self, f.name), 0, open_low=True, optional=True)
         if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
             raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
         if self.fo_at_perturbed and self.per_tower:
@@ -94,8 +96,9 @@ class ZOConfig:
         """The update actually applied (`mozo` is `sign` with modality-aware epsilons)."""
         return get_rule(self.rule).record_name()
 
-    def eps(self, modality: str) -> float:
-        explicit = getattr(self, f"eps_{modality}")
+    def eps(self, group: str) -> float:
+        """Epsilon of a parameter group: zo.eps_<group> if set, else the rule's default, else DEFAULT_EPS."""
+        explicit = getattr(self, f"eps_{group}", None)
         if explicit is not None:
             return explicit
-        return (get_rule(self.rule).default_eps or {}).get(modality, DEFAULT_EPS)
+        return (get_rule(self.rule).default_eps or {}).get(group, DEFAULT_EPS)

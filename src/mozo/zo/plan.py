@@ -27,8 +27,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mozo.backbone.towers import MODALITIES
-
 MODES = ("fo", "zo", "frozen")
 PRESETS = {
     "fo": "dual:fo",
@@ -60,9 +58,14 @@ class Plan:
     def has(self, mode: str, modality: str | None = None) -> bool:
         return any(md == mode and (modality is None or m == modality) for (m, _), md in self.modes.items())
 
+    @property
+    def towers(self) -> list[str]:
+        """The towers with units, in the order the plan was resolved."""
+        return list(dict.fromkeys(m for m, _ in self.modes))
+
     def describe(self) -> str:
         parts = []
-        for m in MODALITIES:
+        for m in self.towers:
             parts.append(f"{m}: " + " ".join(f"{layer}:{self.modes[(m, layer)]}" for layer in sorted(l for (mm, l) in self.modes if mm == m)))
         return "; ".join(parts)
 
@@ -71,7 +74,7 @@ class Plan:
 _PATTERN = re.compile(r"(fo|zo|frozen)|hop-(odd|even)|(prefix|suffix)-(\d+)|(\d+(?:,\d+)*)")
 
 
-def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], re.Match, str | None]]:
+def parse_clauses(text: str, towers: tuple[str, ...]) -> list[tuple[tuple[str, ...], re.Match, str | None]]:
     """Check the grammar of `text` and split it into (towers, pattern match, explicit mode) clauses, without
     layer depths.
 
@@ -87,10 +90,8 @@ def parse_clauses(text: str, towers=MODALITIES) -> list[tuple[tuple[str, ...], r
         if ":" not in clause:
             raise PlanError(text, f"clause {clause!r} has no ':' (expected TOWER:PATTERN) and is not a preset {sorted(PRESETS)}")
         tower, pattern = (s.strip() for s in clause.split(":", 1))
-        if tower != "dual" and tower not in MODALITIES:
-            raise PlanError(text, f"unknown tower {tower!r}")
         if tower != "dual" and tower not in towers:
-            raise PlanError(text, f"the model has no PEFT units in the {tower} tower")
+            raise PlanError(text, f"the model has no PEFT units in the {tower} tower (towers with units: {', '.join(towers)})")
         pattern, has_mode, mode = (s.strip() for s in pattern.partition("="))
         match = _PATTERN.fullmatch(pattern)
         if not match:
@@ -145,16 +146,8 @@ def parse_plan(text: str, num_layers: dict[str, int]) -> Plan:
     return Plan(text.strip(), modes)
 
 
-def plan_for_model(text: str, model) -> Plan:
-    """Parse `text` against the units a MozoCLIP actually has (layers without units are dropped)."""
-    depths = {m: model.num_layers(m) for m in {u.info.modality for u in model.unit_list()}}
-    plan = parse_plan(text, depths)
-    present = {(u.info.modality, u.info.layer) for u in model.unit_list()}
-    return Plan(plan.text, {k: v for k, v in plan.modes.items() if k in present})
-
-
 def frozen_control(plan: Plan) -> str:
     """The plan text of `plan` with every ZO unit frozen and everything else as it was: the control that
     tells what the ZO units contribute (`mozo study`)."""
-    extra = [f"{m}:{','.join(map(str, plan.layers(m, 'zo')))}=frozen" for m in MODALITIES if plan.layers(m, "zo")]
+    extra = [f"{m}:{','.join(map(str, plan.layers(m, 'zo')))}=frozen" for m in plan.towers if plan.layers(m, "zo")]
     return "+".join([plan.text, *extra])
