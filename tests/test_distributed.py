@@ -13,6 +13,10 @@ loaded 2-core machine). Each rank holds its half of every global batch. Phases o
    MOZO_CHECK_ZO_SYNC checksum (the variable is set for the whole job, so the runs check every step too).
 3. The interrupted run resumed on both ranks.
 4. `mozo run` (what `torchrun -m mozo run` and the console script call) with the reference run's config.
+zo.rank_directions (each rank its own q = 2 directions, the 2 x 2 loss differences all-gathered): phase 1 also
+rebuilds the 2-rank update on one process (`_rank_directions_reference`), phase 2 runs it for dual-zo and
+vision-zo with a NaN on one rank, a run without the exact restore (which diverges) and a `run_experiment`
+with MOZO_CHECK_ZO_SYNC.
 
 Tolerance against one process: 1e-5 absolute on parameters and losses. The mean loss of B samples and the
 mean of two B/2-sample means are equal in exact arithmetic but sum floats in a different order (~1e-7
@@ -23,7 +27,7 @@ amplify the rounding of gradient components near its eps=1e-8: measured, at most
 
 Noise: dropout masks and router noise are drawn per batch tensor, so the masks of two B/2 shards cannot
 equal those of one B batch (and ranks draw independent streams). The equality tests therefore use
-PeftConfig(dropout=0.0, noisy_gating=False); with noise on, runs agree in distribution, not in value.
+PeftConfig.of("moe", dropout=0.0, noisy_gating=False); with noise on, runs agree in distribution, not in value.
 """
 from __future__ import annotations
 
@@ -45,9 +49,17 @@ WORLD = 2
 B, N_STEPS, N_CLASSES = 8, 3, 5
 PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower")  # "/per-tower": zo.per_tower=true
 ATOL = 1e-5
+RD_PLANS = ("dual-zo/rank-directions", "vision-zo/rank-directions")  # zo.rank_directions=true, q=RD_Q per rank
+RD_Q = 2
+# The one-process rebuild of the rank_directions update evaluates the same B/2 shards along the same seeds and
+# applies the same SGD update (a replay of the record), so only the forward path differs: a full forward
+# there, a forward from the prefix cache at layer 1 in the step. Measured: bitwise equal (0.0). 1e-7 allows one
+# ulp of a loss (~2e-7 at loss ~1.6) / eps 1e-3 = 2e-4 in a coefficient, x lr 1e-4 x |z| < 5 / 4 directions,
+# x 3 steps: ~8e-8; the units move by 7.8e-6 in those steps, so a wrong shard or seed is far outside it.
+ATOL_RD = 1e-7
 # vision-zo: FO gradients of the language tower and ZO scalars in the same step; no noise (see above).
-RUN_ARGS = ["backbone=tiny", "batch_size=4", "num_tasks=2", "plan=vision-zo", "device=cpu", "peft.rank=8",
-            "peft.dropout=0.0", "peft.noisy_gating=false", "data.eval_batch_size=8", "train.warmup_iters=2"]
+RUN_ARGS = ["backbone=tiny", "batch_size=4", "num_tasks=2", "plan=vision-zo", "device=cpu", "peft.moe.rank=8",
+            "peft.moe.dropout=0.0", "peft.moe.noisy_gating=false", "data.eval_batch_size=8", "train.warmup_iters=2"]
 STEPS_PER_RUN = 10  # 2 tasks x 20 training images / global batch 4
 CUT_AFTER = 3
 
@@ -73,15 +85,17 @@ def _model():
 
     bb = load_backbone("tiny", seed=0)
     torch.manual_seed(0)
-    return bb, MozoCLIP(bb, PeftConfig(kind="moe", rank=8, dropout=0.0, noisy_gating=False))
+    return bb, MozoCLIP(bb, PeftConfig.of("moe", rank=8, dropout=0.0, noisy_gating=False))
 
 
 def _step(model, plan: str, dist_ctx=None):
     from mozo import HybridStep, ZOConfig
 
-    kw = dict(reduce_scalars=dist_ctx.reduce_mean, reduce_grads=dist_ctx.reduce_grads) if dist_ctx else {}
+    kw = dict(reduce_scalars=dist_ctx.reduce_mean, reduce_grads=dist_ctx.reduce_grads, gather_scalars=dist_ctx.gather,
+              world_size=dist_ctx.world_size) if dist_ctx else {}
     plan, _, option = plan.partition("/")
-    zo = ZOConfig(rule="sgd", lr=1e-4, per_tower=option == "per-tower")
+    rd = option == "rank-directions"
+    zo = ZOConfig(rule="sgd", lr=1e-4, per_tower=option == "per-tower", rank_directions=rd, q=RD_Q if rd else 1)
     return HybridStep(model, plan, zo, fo_lr=1e-3, seed=7, **kw)
 
 
@@ -100,6 +114,48 @@ def _n_with_grad(model, step) -> int:
 
 def _units(model) -> dict:
     return {k: v.detach().clone() for k, v in model.units.state_dict().items()}
+
+
+def _rank_directions_reference(plan: str = "dual-zo") -> dict:
+    """The 2-rank zo.rank_directions steps rebuilt on one process: for each rank r, the loss differences of
+    r's shard along r's own seeds (mix_seed(seed, step, d + 1), and mix_seed(seed, step, d + 1, r) for r > 0),
+    then one SGD update over all 2 x RD_Q directions (the mean of c z), applied as a replay of the record."""
+    from mozo.zo.directions import mix_seed
+    from mozo.zo.rules import ZORecord, replay
+
+    bb, model = _model()
+    step = _step(model, plan)  # for its estimator, loss and ZO groups only: step() is never called
+    zo = [p for m in step.zo_towers for p in step.zo_params[m]]
+    model.train()
+    start = _units(model)
+
+    @torch.no_grad()
+    def loss(pixels, labels, text):
+        return step._loss({"vision": model.encode("vision", {"pixel_values": pixels})[0],
+                           "language": model.encode("language", text)[0]}, labels)
+
+    records, losses = [], []
+    for k, (pixels, labels, text) in enumerate(_batches(bb)):
+        seeds, diffs, shard_losses = [], [], []
+        for r in range(WORLD):
+            sl = slice(r * B // WORLD, (r + 1) * B // WORLD)
+            base = loss(pixels[sl], labels[sl], text)
+            shard_losses.append(float(base))
+            for d in range(RD_Q):
+                seed = mix_seed(7, k, d + 1) if r == 0 else mix_seed(7, k, d + 1, r)
+                saved = [p.detach().clone() for p in zo]
+                step.estimator.perturb(seed, +1.0, step.zo_towers)
+                diffs.append(float(loss(pixels[sl], labels[sl], text) - base))
+                step.estimator.perturb(seed, -1.0, step.zo_towers)
+                with torch.no_grad():
+                    for p, s0 in zip(zo, saved):
+                        p.copy_(s0)
+                seeds.append(seed)
+        record = ZORecord(k, seeds, {m: [x / step.zo.eps(m) for x in diffs] for m in step.zo_towers}, step.zo.lr, "sgd", "gaussian")
+        replay(step.estimator, [record])
+        records.append(dict(seeds=record.seeds, coefs=record.coefs))
+        losses.append(sum(shard_losses) / WORLD)
+    return dict(units=_units(model), records=records, losses=losses, start=start)
 
 
 # ------------------------------------------------------------------------------------------ the worker
@@ -134,7 +190,7 @@ def _worker(out: Path, data_root: Path) -> None:
     # 0. The task loop on 2 ranks, interrupted by rank 0 alone (rank 1 must stop at the same step).
     try:
         run_experiment(cfg, out / "cut", data_root=data_root, progress=False, dist=ctx,
-                       on_step=(lambda rn: rn.request_stop() if rn.state['steps'] >= CUT_AFTER else None) if r == 0 else None)
+                       on_step=(lambda rn: rn.request_stop() if rn.state.steps >= CUT_AFTER else None) if r == 0 else None)
         rep["interrupted"] = False
     except RunInterrupted:
         rep["interrupted"] = True
@@ -149,6 +205,7 @@ def _worker(out: Path, data_root: Path) -> None:
             step = _step(model, plan)
             losses = [step(p, y, t).loss for p, y, t in _batches(bb)]
             ref[plan] = dict(units=_units(model), losses=losses)
+        ref["rank-directions"] = _rank_directions_reference()
         torch.save(ref, out / "ref_steps.pt")
         shutil.copytree(out / "cut", out / "cut_on_one")
         run_experiment(cfg, out / "cut_on_one", data_root=data_root, progress=False, resume=True)
@@ -158,22 +215,23 @@ def _worker(out: Path, data_root: Path) -> None:
     log("one-process work done")
 
     # 2. HybridStep: this rank's shard of every global batch.
-    for plan in PLANS:
+    for plan in PLANS + RD_PLANS:
         bb, model = _model()
         step = _step(model, plan, ctx)
         step.noise_rank = r
         zo = [p for m in step.zo_towers for p in step.zo_params[m]]
         before = dict(ctx.payload_bytes)
-        losses, zo_equal, fo_equal, seeds_equal = [], [], [], []
+        losses, zo_equal, fo_equal, seeds_equal, records = [], [], [], [], []
         for pixels, labels, text in _batches(bb):
             stats = step(pixels[lo:hi], labels[lo:hi], text)
             losses.append(stats.loss)
+            records.append(dict(seeds=stats.zo.seeds, coefs=stats.zo.coefs) if stats.zo else None)
             zo_equal.append(_all_equal(zo))
             fo_equal.append(_all_equal(step.fo_params))
             seeds_equal.append(_all_equal([torch.tensor(stats.zo.seeds if stats.zo else [0], dtype=torch.int64)]))
         comm = {k: (v - before.get(k, 0)) / N_STEPS for k, v in ctx.payload_bytes.items() if v != before.get(k, 0)}
         rep["steps"][plan] = dict(units=_units(model), losses=losses, zo_equal=zo_equal, fo_equal=fo_equal,
-                                  seeds_equal=seeds_equal, comm=comm, n_fo=_n_with_grad(model, step))
+                                  seeds_equal=seeds_equal, comm=comm, n_fo=_n_with_grad(model, step), records=records)
 
     log("steps done")
     # A NaN on rank 1 only: every rank raises at the same point (no rank left waiting in a collective),
@@ -208,6 +266,39 @@ def _worker(out: Path, data_root: Path) -> None:
         rep["sync_raised"] = False
     except RuntimeError as exc:
         rep["sync_raised"] = str(exc)
+
+    # zo.rank_directions: a NaN on rank 1 only raises on both ranks, each rank restored from its own copy.
+    bb, model = _model()
+    step = _step(model, "vision-zo/rank-directions", ctx)
+    step.noise_rank = r
+    real_rd = step._loss
+    poisoned["on"] = r == 1
+    step._loss = lambda f, y: real_rd(f, y) * float("nan") if poisoned["on"] else real_rd(f, y)
+    start = _units(model)
+    try:
+        step(pixels[lo:hi], labels[lo:hi], text)
+        rep["rd_nan_raised"] = False
+    except NonFiniteLossError as exc:
+        rep["rd_nan_raised"] = str(exc)
+    rep["rd_nan_equal"] = _all_equal(list(model.units.parameters()))
+    rep["rd_nan_unchanged"] = all(torch.equal(v, _units(model)[k]) for k, v in start.items())
+    poisoned["on"] = False
+    step(pixels[lo:hi], labels[lo:hi], text)
+    rep["rd_after_nan_equal"] = _all_equal(list(model.units.parameters()))
+    # Without the restore from the copy (undone by subtraction only), the replicas drift apart.
+    bb, model = _model()
+    step = _step(model, "dual-zo/rank-directions", ctx)
+    step.noise_rank = r
+    step._restore_saved = lambda: setattr(step, "_saved", None)
+    rep["rd_no_restore_equal"] = []
+    for pixels_k, labels_k, text_k in _batches(bb):
+        step(pixels_k[lo:hi], labels_k[lo:hi], text_k)
+        rep["rd_no_restore_equal"].append(_all_equal(list(model.units.parameters())))
+    # The task loop with zo.rank_directions, MOZO_CHECK_ZO_SYNC=1 (set for the job): checksums after every step.
+    debug_before = ctx.payload_bytes.get("debug", 0)
+    rd_cfg = load_config("cifar100-10-10", [*RUN_ARGS, "plan=dual-zo", "num_tasks=1", "zo.rank_directions=true", f"zo.q={RD_Q}"])
+    rep["rd_run"] = run_experiment(rd_cfg, out / "rd", data_root=data_root, progress=False, dist=ctx)
+    rep["rd_run_debug_bytes"] = ctx.payload_bytes.get("debug", 0) - debug_before
 
     log("checks done")
     # 3. The interrupted run resumed on both ranks.
@@ -280,6 +371,56 @@ def test_nan_on_one_rank_raises_on_all_and_sync_check_catches_divergence(job):
     assert "first forward" in job["ranks"][1]["nan_raised"] and "another rank" in job["ranks"][0]["nan_raised"]
 
 
+@pytest.mark.parametrize("plan", RD_PLANS)
+def test_rank_directions_keep_ranks_bitwise_equal(job, plan):
+    from mozo.zo.directions import mix_seed
+
+    s0, s1 = (rk["steps"][plan] for rk in job["ranks"])
+    for s in (s0, s1):
+        assert s["zo_equal"] == s["fo_equal"] == s["seeds_equal"] == [True] * N_STEPS
+    assert all(torch.equal(s0["units"][k], s1["units"][k]) for k in s0["units"]) and s0["losses"] == s1["losses"]
+    for k, rec in enumerate(s0["records"]):  # all 2 x RD_Q directions, rank 0's first: the one-process seeds
+        assert rec["seeds"] == [mix_seed(7, k, d + 1) for d in range(RD_Q)] + [mix_seed(7, k, d + 1, 1) for d in range(RD_Q)]
+        assert all(len(c) == WORLD * RD_Q for c in rec["coefs"].values())
+        assert rec == s1["records"][k]
+
+
+def test_rank_directions_update_equals_the_one_process_rebuild(job):
+    """dual-zo, 2 ranks x RD_Q directions: the units equal the one-process rebuild (each shard's differences along
+    its rank's seeds, one SGD update over all 2 x RD_Q) within ATOL_RD, and differ from the averaged default."""
+    ref, got = job["ref"]["steps"]["rank-directions"], job["ranks"][0]["steps"]["dual-zo/rank-directions"]
+    for a, b in zip(ref["records"], got["records"]):
+        assert a["seeds"] == b["seeds"]
+        for m in a["coefs"]:
+            assert b["coefs"][m] == pytest.approx(a["coefs"][m], rel=1e-5, abs=1e-3)  # 1e-3: one loss ulp / eps
+    fresh = ref["start"]
+    moved = max(float((v - fresh[k]).abs().max()) for k, v in ref["units"].items())  # 7.8e-6 over the 3 steps
+    worst = max(float((got["units"][k] - v).abs().max()) for k, v in ref["units"].items())  # measured: 0.0
+    assert worst <= ATOL_RD < moved / 50, (worst, moved)
+    assert got["losses"] == pytest.approx(ref["losses"], abs=1e-6)
+    default = job["ref"]["steps"]["dual-zo"]["units"]  # q = 1, the same seeds on both ranks: another estimate
+    assert any(not torch.allclose(got["units"][k], v, rtol=0, atol=ATOL) for k, v in default.items())
+
+
+def test_rank_directions_gather_the_differences(job):
+    s = job["ranks"][0]["steps"]
+    per_step = 4.0 * WORLD * (RD_Q + 1)  # every rank's RD_Q differences and its loss, gathered: 24 bytes
+    assert s["dual-zo/rank-directions"]["comm"] == {"scalars": per_step}
+    assert s["vision-zo/rank-directions"]["comm"] == {"scalars": per_step, "fo_grads": 4.0 * s["vision-zo"]["n_fo"]}
+    res = job["ranks"][0]["rd_run"]  # the task loop under MOZO_CHECK_ZO_SYNC=1: it checked, and found nothing
+    assert res["config"]["zo"]["rank_directions"] is True and job["ranks"][0]["rd_run_debug_bytes"] > 0
+    assert res["cost"]["comm_payload_bytes_per_step"]["scalars"] == per_step
+    assert job["ranks"][0]["rd_run"]["acc_matrix"] == job["ranks"][1]["rd_run"]["acc_matrix"]
+
+
+def test_rank_directions_nan_on_one_rank_and_the_exact_restore(job):
+    for rk in job["ranks"]:
+        assert rk["rd_nan_raised"] and "non-finite" in rk["rd_nan_raised"]
+        assert rk["rd_nan_equal"] and rk["rd_nan_unchanged"] and rk["rd_after_nan_equal"]  # restored from the copy: exactly
+        assert False in rk["rd_no_restore_equal"]  # undone by subtraction along per-rank directions: replicas differ
+    assert "first forward" in job["ranks"][1]["rd_nan_raised"] and "another rank" in job["ranks"][0]["rd_nan_raised"]
+
+
 def _checkpoint_units(run_dir: Path) -> dict:
     from mozo.engine.checkpoint import load_checkpoint
 
@@ -340,10 +481,14 @@ def test_two_rank_checkpoint_resumes_on_one_process(job):
 
 
 def test_only_rank_zero_writes(job):
+    from mozo.engine.logs import tensorboard_installed
+
     for name, starts in (("full", 1), ("cut", 2)):
         run = job["out"] / name
-        assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "checkpoint.old", "config.json", "events.jsonl",
-                                                              "results.json", "run.json"]  # no .lock left behind
+        assert sorted(p.name for p in run.iterdir() if p.name != "tb") == ["checkpoint", "checkpoint.old", "config.json", "events.jsonl",
+                                                                              "results.json", "run.json"]  # no .lock left behind
+        # TensorBoard mirror (when installed): one event file per start of rank 0, none from rank 1
+        assert len(list((run / "tb").glob("events.out.tfevents.*"))) == (starts if tensorboard_installed() else 0)
         events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
         kinds = [e["event"] for e in events]
         assert kinds.count("start") == starts and kinds.count("done") == 1

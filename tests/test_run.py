@@ -26,7 +26,7 @@ TINY = ["backbone=tiny", "batch_size=4", "max_steps_per_task=2", "data.eval_batc
 
 def stop_after(steps: int):
     """A run's on_step callback that stops it as Ctrl-C would after `steps` training steps."""
-    return lambda runner: runner.request_stop() if runner.state["steps"] >= steps else None
+    return lambda runner: runner.request_stop() if runner.state.steps >= steps else None
 
 
 def cfg_for(preset: str, *extra: str):

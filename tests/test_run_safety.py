@@ -173,7 +173,7 @@ def test_ctrl_c_while_evaluating_stops_there(tmp_path, cifar, monkeypatch):
     real = Runner.text_features
 
     def interrupted(self, names):  # Ctrl-C while the first test set after task 2 is evaluated
-        if self.state["task"] == 1:
+        if self.state.task == 1:
             self.request_stop()
         return real(self, names)
 

@@ -10,8 +10,9 @@ import sys
 
 COMMANDS = {
     "run": ("mozo.engine.run_cli", "train a continual-learning protocol (preset or YAML) and write results.json"),
+    "eval": ("mozo.engine.eval_cli", "evaluation only: a run's units or the zero-shot backbone on any protocol's test sets"),
     "demo": ("mozo.demo.cli", "offline demo: shipped tiny CLIP, bundled images, plans side by side"),
-    "bench": ("mozo.bench.cli", "peak memory and step time of plans side by side"),
+    "bench": ("mozo.bench.cli", "peak memory and step time of plans side by side; --data: input-pipeline images/s"),
     "metrics": ("mozo.metrics.cli", "recompute the summary (Last, Avg, Transfer, BWT, forgetting) of a results.json"),
     "report": ("mozo.report.cli", "comparison table and plots of run directories"),
     "diagnose": ("mozo.diagnostics.cli", "ZO estimate variance and cosine with autograd per modality and layer"),

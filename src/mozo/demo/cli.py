@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where the runs and the report go (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a shortened demo (3 steps per task, capped evaluation, no memory bench): for tests")
     p.add_argument("--no-bench", action="store_true", help="skip the per-plan memory measurement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per plan (seed, seed+1, ...): the table shows means and "
+                   "each hybrid plan's paired difference against its frozen control with a 95%% CI (default 1)")
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -39,13 +41,13 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def demo_table(rows: list[dict]) -> str:
-    head = ("| plan | Last | Avg | Transfer | BWT | Forgetting | step peak MiB (tensors) | time/step ms | FO params | ZO params |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| plan | Last | Avg | Transfer | BWT | Forgetting | ZO vs frozen, Last | step peak MiB (tensors) | time/step ms | FO params | ZO params |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         s = r["summary"]
         lines.append(f"| {r['name']} | {_fmt(s['last'])} | {_fmt(s['avg'])} | {_fmt(s['transfer'])} | {_fmt(s['bwt'])} | "
-                     f"{_fmt(s['forgetting'])} | {_fmt(r.get('peak_mib'), 2)} | {_fmt(r.get('step_ms'), 0)} | "
+                     f"{_fmt(s['forgetting'])} | {r.get('zo_effect', '')} | {_fmt(r.get('peak_mib'), 2)} | {_fmt(r.get('step_ms'), 0)} | "
                      f"{r['fo_params']:,} | {r['zo_params']:,} |")
     return "\n".join(lines)
 
@@ -66,11 +68,50 @@ def _bench_rows(plans: list[tuple[str, list[str]]], batch: int, classes: int) ->
     return out
 
 
+def _demo_run(name: str, overrides: list[str], seed: int, out: Path, scenario, per_seed: bool) -> dict:
+    """One `mozo run` of the demo preset (regenerated on every demo): its summary, parameters and step time."""
+    from mozo.engine.config import load_config
+    from mozo.engine.loop import run_experiment
+
+    cfg = load_config("demo", overrides + [f"seed={seed}"])
+    run_dir = out / (name.replace(":", "_").replace(" (ZO frozen)", "-zo-frozen") + (f"-seed{seed}" if per_seed else ""))
+    print(f"\n== {name}, seed {seed} ==", flush=True)
+    res = run_experiment(cfg, run_dir, scenario=scenario, progress=True, overwrite=True)
+    by_part = res["cost"]["trainable_params"]["by_part"]
+    zero = cfg.train.max_steps_per_task == 0
+    return {"summary": res["summary"], "run_dir": str(run_dir),
+            "fo_params": 0 if zero else sum(v for k, v in by_part.items() if k.endswith(".fo")),
+            "zo_params": 0 if zero else sum(v for k, v in by_part.items() if k.endswith(".zo")),
+            "step_ms": None if res["cost"]["step_time_s"] is None else 1000 * res["cost"]["step_time_s"]}
+
+
+def _mean_row(name: str, runs: list[dict]) -> dict:
+    """A table row: each metric's mean over the seeds' runs."""
+    import statistics
+
+    summary = {k: statistics.fmean(r["summary"][k] for r in runs) if all(r["summary"].get(k) is not None for r in runs) else None
+               for k in ("last", "avg", "transfer", "bwt", "forgetting")}
+    steps = [r["step_ms"] for r in runs if r["step_ms"] is not None]
+    return {"name": name, "summary": summary, "run_dir": runs[0]["run_dir"], "seeds": len(runs),
+            "fo_params": runs[0]["fo_params"], "zo_params": runs[0]["zo_params"],
+            "step_ms": statistics.median(steps) if steps else None}
+
+
+def _effect(plan: list[float], frozen: list[float]) -> str:
+    """Paired Last difference against the frozen control: one seed its value, several the mean, 95% CI and verdict."""
+    from mozo.study.stats import paired_difference
+
+    d = paired_difference(plan, frozen)
+    if d["ci"] is None:
+        return f"{d['mean']:+.1f} (1 seed)"
+    return f"{d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] {d['verdict']}"
+
+
 def main(args: argparse.Namespace) -> int:
     from mozo.data.demo_stream import build_demo_scenario
     from mozo.engine.config import load_config
-    from mozo.engine.loop import run_experiment
     from mozo.report import write_report
+    from mozo.study.cli import control_overrides
 
     import torch
 
@@ -82,27 +123,27 @@ def main(args: argparse.Namespace) -> int:
     quick = ["train.max_steps_per_task=3", "eval_max_samples=60"] if args.quick else []
     print(f"mozo demo: shipped tiny CLIP, {len(scenario.tasks)} tasks "
           f"({', '.join(t.name for t in scenario.tasks)}), {len(DEMO_PLANS)} plans; output in {out}/", flush=True)
+    seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     rows, run_dirs = [], []
     try:
         for name, overrides in DEMO_PLANS:
-            cfg = load_config("demo", quick + overrides + [f"seed={args.seed}"])
-            run_dir = out / name.replace(":", "_")
-            print(f"\n== {name} ==", flush=True)
-            res = run_experiment(cfg, run_dir, scenario=scenario, progress=True, overwrite=True)  # the demo regenerates its runs
-            by_part = res["cost"]["trainable_params"]["by_part"]
-            zero = name == "zero-shot"
-            rows.append({
-                "name": name, "summary": res["summary"], "run_dir": str(run_dir),
-                "fo_params": 0 if zero else sum(v for k, v in by_part.items() if k.endswith(".fo")),
-                "zo_params": 0 if zero else sum(v for k, v in by_part.items() if k.endswith(".zo")),
-                "step_ms": None if res["cost"]["step_time_s"] is None else 1000 * res["cost"]["step_time_s"],
-            })
-            run_dirs.append(run_dir)
+            runs = [_demo_run(name, quick + overrides, seed, out, scenario, len(seeds) > 1) for seed in seeds]
+            row = _mean_row(name, runs)
+            if row["zo_params"]:  # a hybrid plan: the same runs with its ZO units frozen, paired by seed
+                control = control_overrides("demo", quick + overrides, "frozen")
+                frozen = [_demo_run(f"{name} (ZO frozen)", quick + overrides + control, seed, out, scenario, len(seeds) > 1) for seed in seeds]
+                rows_frozen = _mean_row(f"{name} (ZO frozen)", frozen)
+                row["zo_effect"] = _effect([r["summary"]["last"] for r in runs], [r["summary"]["last"] for r in frozen])
+                rows += [row, rows_frozen]
+                run_dirs += [Path(r["run_dir"]) for r in runs + frozen]
+            else:
+                rows.append(row)
+                run_dirs += [Path(r["run_dir"]) for r in runs]
         if not (args.quick or args.no_bench):
             print("\n== memory of one training step per plan (mozo bench, fresh process per plan) ==", flush=True)
             bench = _bench_rows(DEMO_PLANS, batch=load_config("demo").train.batch_size, classes=max(t.num_classes for t in scenario.tasks))
-            for r in rows:
-                r["peak_mib"] = bench[r["name"]]["peak_above_model_bytes"] / MiB
+            for r in rows:  # the frozen controls' rows: not benched (fewer trainable units than their plan)
+                r["peak_mib"] = bench[r["name"]]["peak_above_model_bytes"] / MiB if r["name"] in bench else None
         paths = write_report(run_dirs, out / "report")
     except Exception as exc:  # the demo must say what failed and exit non-zero
         print(f"\nmozo demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -115,6 +156,7 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + table)
     print(f"\nLast/Avg: accuracy (%) over all classes seen; Transfer: zero-shot accuracy on tasks before training them; "
           f"BWT < 0 and Forgetting > 0 measure forgetting. Step peak: live tensor bytes above the model's own "
-          f"parameters during one training step (zero-shot row: inference).")
+          f"parameters during one training step (zero-shot row: inference). ZO vs frozen: the plan's Last minus the "
+          f"same runs with its ZO units frozen (paired by seed; --seeds N for a 95% CI): what the ZO updates contribute.")
     print(f"report: {out / 'report'} ({len(paths)} files); finished in {elapsed:.0f} s on {machine}")
     return 0

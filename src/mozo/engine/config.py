@@ -19,11 +19,13 @@ from typing import Any, Optional, get_type_hints
 import yaml
 
 from mozo.backbone.clip import DEFAULT_BACKBONE, PROMPT_PADDINGS
+from mozo.data.loader import NUM_WORKERS_CHOICES
 from mozo.data.mtcl import MTCL_ORDERS, resolve_mtcl_key
 from mozo.data.readers import READERS
 from mozo.data.scenario import CIL_PROTOCOLS, load_class_orders
 from mozo.engine.distributed import BACKENDS
-from mozo.peft.inject import PeftConfig
+from mozo.methods import MethodConfig, get_method
+from mozo.peft.registry import PeftConfig, unknown_peft_key
 from mozo.zo.config import ZOConfig, check_range
 from mozo.zo.plan import parse_clauses
 
@@ -38,7 +40,7 @@ class DataConfig:
     # optimisation 6); max_length: padded to the 77-token context, as the reference code does.
     prompt_padding: str = "longest"
     few_shot: Optional[int] = None  # k training images per class
-    num_workers: int = 0
+    num_workers: Any = "auto"  # auto (mozo.data.loader.resolve_num_workers) | an integer >= 0 of loader worker processes
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
     eval_batch_size: int = 256
     eval_future: bool = False  # cil: also score not-yet-trained tasks zero-shot on their own classes (Transfer)
@@ -65,6 +67,20 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf (counted) instead of stopping
     max_nonfinite_fraction: float = 0.1  # with skip_nonfinite: stop when more of a task's steps than this were skipped
     precision: str = "fp32"  # fp32 | bf16 (autocast; PEFT units and ZO arithmetic stay fp32)
+    label_smoothing: float = 0.0  # of the cross-entropy (the MTCL reference uses 0.2)
+    # The FO learning rate of each task instead of `lr`: null (lr for every task), a list with one lr per task, or
+    # under the mtcl protocols a mapping {dataset: lr} (datasets it does not name use lr). Fixed for a run (not
+    # a resume override); the warm-up and schedule apply to it as to lr. See task_lr().
+    lr_per_task: Any = None
+
+
+@dataclass
+class LogConfig:
+    """Where a run's events go besides RUN_DIR/events.jsonl (engine/logs.py)."""
+
+    tensorboard: bool = True  # mirror losses and accuracies to RUN_DIR/tb when tensorboard is installed
+    wandb: bool = False  # also to Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account)
+    wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else "mozo"
 
 
 @dataclass
@@ -80,6 +96,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # the continual-learning method (mozo/methods/)
     distributed_backend: str = "auto"  # auto | nccl | gloo
     distributed_timeout_s: float = 600.0  # a collective waiting longer for a stalled rank fails with a clear error
 
@@ -112,6 +130,8 @@ def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> ConfigError:
+    if key.startswith("peft."):  # nearest keys and the valid keys of its section; old flat keys: the new one
+        return ConfigError(unknown_peft_key(key))
     candidates = valid_keys() + list(ALIASES)
     near = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
@@ -124,7 +144,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         value = yaml.safe_load(value)
     text = str(hint)
     if value is None:
-        if "Optional" in text or "None" in text:
+        if "Optional" in text or "None" in text or hint is Any:  # Any: the key's own check decides
             return None
         raise ConfigError(f"config key {key!r} cannot be null")
     if hint is bool or text == "bool":
@@ -180,7 +200,7 @@ def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
 def apply(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     for key, value in values.items():
         target = ALIASES.get(key, key)
-        if key in ALIASES and isinstance(value, dict):  # `peft: {kind: moe, rank: 64}` in YAML
+        if key in ALIASES and isinstance(value, dict):  # `peft: {kind: moe, moe: {rank: 64}}` in YAML
             target = target.split(".")[0]
         _set(cfg, target, value, key)
     return cfg
@@ -200,8 +220,10 @@ RANGES: dict[str, dict] = {
     "train.max_steps_per_task": dict(low=0, integer=True, optional=True),  # 0: no training (the demo's zero-shot row)
     "train.checkpoint_every": dict(low=0, integer=True),
     "train.max_nonfinite_fraction": dict(low=0, high=1),
+    "train.label_smoothing": dict(low=0, high=1, open_high=True),
+    "method.distill_weight": dict(low=0),
+    "method.temperature": dict(low=0, open_low=True),
     "data.few_shot": dict(low=1, integer=True, optional=True),
-    "data.num_workers": dict(low=0, integer=True),
     "data.eval_batch_size": dict(low=1, integer=True),
     "data.initial_increment": dict(low=1, integer=True, optional=True),
     "data.increment": dict(low=1, integer=True, optional=True),
@@ -210,6 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16"),
     "train.schedule": ("cosine", "constant"),
     "data.prompt_padding": PROMPT_PADDINGS,
+    "data.num_workers": NUM_WORKERS_CHOICES,  # "auto" or any integer >= 0
     "distributed_backend": BACKENDS,
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -231,7 +254,7 @@ def _mtcl_presets() -> dict:
 def _task_count(d: DataConfig) -> Optional[int]:
     """The scenario's number of tasks when the configuration alone tells (None: protocol=cil, known from the data)."""
     if d.protocol == "demo":
-        from mozo.demo.stream import DEMO_TASKS
+        from mozo.data.demo_stream import DEMO_TASKS
 
         return len(DEMO_TASKS)
     if d.protocol in CIL_PROTOCOLS:
@@ -290,6 +313,7 @@ def _revalidate(cfg: RunConfig) -> RunConfig:
         for key, limits in RANGES.items():
             check_range(key, _get(cfg, key), **limits)
         parse_clauses(cfg.plan, cfg.peft.towers)  # layers beyond the model's depth: checked once it is loaded
+        get_method(cfg.method.name)  # an unknown name lists the registered methods
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     for key, choices in CHOICES.items():
@@ -302,7 +326,73 @@ def _revalidate(cfg: RunConfig) -> RunConfig:
     if cfg.num_tasks is not None and tasks is not None and cfg.num_tasks > tasks:
         raise ConfigError(f"num_tasks={cfg.num_tasks} but scenario {cfg.data.protocol!r} has {tasks} tasks: "
                           f"num_tasks must be an integer in [1, {tasks}] or null")
+    check_lr_per_task(cfg, tasks)
     return cfg
+
+
+def _mtcl_sequence(d: DataConfig) -> list[str]:
+    """The dataset keys of an mtcl protocol's run, in order."""
+    if d.datasets is not None:
+        return [resolve_mtcl_key(str(n)) for n in d.datasets]
+    return list(MTCL_ORDERS[_mtcl_presets()[d.protocol][0]])
+
+
+def check_lr_per_task(cfg: RunConfig, tasks: Optional[int]) -> None:
+    """train.lr_per_task against the scenario (`tasks`: its number of tasks, None when only the data tells, as
+    under protocol=cil; the runner checks again then). Normalises the value in place (numbers to float, dataset
+    names to their keys); ConfigError names the key, the value and what is allowed."""
+    key, per = "train.lr_per_task", cfg.train.lr_per_task
+    if per is None:
+        return
+
+    def number(name: str, value: Any) -> float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        try:
+            check_range(name, value, low=0)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return float(value)
+
+    if isinstance(per, dict):
+        if cfg.data.protocol not in _mtcl_presets():
+            raise ConfigError(f"{key} as a mapping {{dataset: lr}} is only read under the mtcl protocols (data.protocol "
+                              f"is {cfg.data.protocol!r}); give a list with one learning rate per task, got {per!r}")
+        sequence, out = _mtcl_sequence(cfg.data), {}
+        for name, value in per.items():
+            try:
+                dataset = resolve_mtcl_key(str(name))
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            if dataset not in sequence:
+                raise ConfigError(f"{key} names {name!r}, which is not a task of this run (its datasets: "
+                                  f"{', '.join(sequence)}); remove it, got {per!r}")
+            out[dataset] = number(f"{key}.{name}", value)
+        cfg.train.lr_per_task = out
+        return
+    if not isinstance(per, (list, tuple)) or not per:
+        raise ConfigError(f"{key} must be null, a non-empty list with one learning rate per task, or under the mtcl "
+                          f"protocols a mapping {{dataset: lr}}, got {per!r}")
+    cfg.train.lr_per_task = [number(f"{key} entries", v) for v in per]
+    counts = [n for n in (tasks, cfg.num_tasks) if n is not None]
+    if counts and len(per) not in counts:
+        want = " or ".join(dict.fromkeys(map(str, counts)))
+        raise ConfigError(f"{key} has {len(per)} learning rate(s) but the run has {want} tasks "
+                          f"(scenario {cfg.data.protocol!r}{f', num_tasks={cfg.num_tasks}' if cfg.num_tasks else ''}): "
+                          f"give one per task, got {cfg.train.lr_per_task!r}")
+
+
+def task_lr(train: TrainConfig, index: int, name: str) -> float:
+    """The FO learning rate of task `index` (named `name`): its train.lr_per_task entry, else train.lr."""
+    per = train.lr_per_task
+    if per is None:
+        return train.lr
+    if isinstance(per, dict):
+        return per.get(resolve_mtcl_key(name), train.lr)
+    return per[index]
 
 
 def preset_names() -> list[str]:

@@ -22,19 +22,21 @@ from tqdm.auto import tqdm
 
 from mozo.backbone.clip import load_backbone
 from mozo.bench.memory import live_state_tensors, measure_peak, storage_bytes
-from mozo.data.loader import TransformedDataset, make_loader
+from mozo.data.loader import TransformedDataset, describe_workers, make_loader, plan_workers
 from mozo.data.scenario import Scenario
 from mozo.data.transforms import make_transform
 from mozo.engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mozo.engine.config import RunConfig, from_dict, to_dict
+from mozo.engine.config import RunConfig, check_lr_per_task, from_dict, task_lr, to_dict
 from mozo.engine import rundir
 from mozo.engine.distributed import TRAIN_KINDS, DistContext
 from mozo.engine.overview import run_overview
+from mozo.engine.signal import ZOSignal
+from mozo.engine.state import RunState
 from mozo.engine.step import HybridStep, NonFiniteLossError
+from mozo.methods import build_method
 from mozo.metrics.summary import summarize
 from mozo.peft.inject import MozoCLIP
 from mozo.zo.directions import mix_seed
-from mozo.zo.plan import plan_for_model
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -83,7 +85,8 @@ class _Interrupt:
 # Keys `mozo run --resume DIR key=value` may change: they steer how the rest of the run is computed, not what
 # was computed so far. The change is recorded in config.json and in the `resumed` event.
 RESUME_OVERRIDES = ("train.lr", "zo.lr", "train.checkpoint_every", "train.skip_nonfinite", "train.max_nonfinite_fraction",
-                    "data.eval_batch_size", "data.num_workers", "device", "distributed_timeout_s")
+                    "data.eval_batch_size", "data.num_workers", "device", "distributed_timeout_s",
+                    "log.tensorboard", "log.wandb", "log.wandb_project")
 
 
 def _fixed_part(flat: dict) -> dict:
@@ -117,10 +120,11 @@ class Runner:
         if cfg.num_tasks is not None and cfg.num_tasks > len(scenario.tasks):  # before the backbone loads
             raise ValueError(f"num_tasks={cfg.num_tasks} but scenario {scenario.name!r} has {len(scenario.tasks)} tasks; "
                              f"choose num_tasks between 1 and {len(scenario.tasks)}")
+        check_lr_per_task(cfg, len(scenario.tasks))  # protocol=cil: the number of tasks is known from the data only now
         torch.manual_seed(cfg.seed)
         self.backbone = load_backbone(cfg.backbone, self.device, seed=cfg.seed)
         self.model = MozoCLIP(self.backbone, cfg.peft)
-        self.plan = plan_for_model(cfg.plan, self.model)
+        self.plan = self.model.plan(cfg.plan)
         self.tasks = scenario.tasks[: cfg.num_tasks] if cfg.num_tasks else scenario.tasks
         n = len(self.tasks)
         empty = [t.name for t in self.tasks if len(t.test) == 0]
@@ -128,14 +132,11 @@ class Runner:
             raise ValueError(f"tasks {empty} have no test images, so their accuracy is undefined; "
                              "check the dataset's test split (docs/datasets.md)")
 
-        self.state: dict[str, Any] = {
-            "task": 0, "trained": False, "epoch": 0, "batch": 0, "zo_step": 0, "acc_matrix": [], "skipped_nonfinite": 0,
-            "skipped_images": [], "forward_passes": 0, "backward_passes": 0, "tower_forwards": {"vision": 0, "language": 0},
-            "wall_time_s": 0.0, "step_times": [], "steps": 0, "step": None, "step_peak_bytes": {},
-        }
+        self.state = RunState()
+        self.method = build_method(cfg.method, cfg.train.label_smoothing)
+        self.signal = ZOSignal(self.model, self.plan, cfg.zo.gain_every, cfg.seed)
         self._n_tasks = n
-        self._log_file = None
-        self._tb = None  # SummaryWriter, or False when tensorboard is not installed
+        self._log_file = None  # engine/logs.py RunLog: events.jsonl, TensorBoard, W&B; opened by the first log()
 
     def request_stop(self, exit_code: int = 130) -> None:
         """Stop at the next step boundary as on Ctrl-C (checkpoint, RunInterrupted)."""
@@ -143,46 +144,29 @@ class Runner:
 
     def _count_skipped(self, split: str, task: int, indices: list[int]) -> None:
         """Unreadable images, each counted once however often it is loaded (epochs, evaluations)."""
-        seen = self.state["skipped_images"]
+        seen = self.state.skipped_images
         seen.extend(k for k in (f"{split}:{task}:{i}" for i in indices) if k not in seen)
 
     # -- persistence ---------------------------------------------------------------------------
     def log(self, event: str, **fields: Any) -> None:
-        if not self.dist.is_main:
-            return
+        """One event: a line of RUN_DIR/events.jsonl, mirrored to TensorBoard / W&B (engine/logs.py)."""
         if self._log_file is None:
-            self._log_file = open(self.out / "events.jsonl", "a")
-        self._log_file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
-        self._log_file.flush()
-        self._tensorboard(event, fields)
+            from mozo.engine.logs import RunLog
 
-    def _tensorboard(self, event: str, fields: dict) -> None:
-        """Mirror losses and accuracies to TensorBoard under RUN_DIR/tb when tensorboard is installed."""
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional dependency: pip install mozo[tensorboard]
-                self._tb = False
-                return
-            self._tb = SummaryWriter(str(self.out / "tb"))
-        if self._tb is False:
-            return
-        if event == "step":
-            self._tb.add_scalar("train/loss", fields["loss"], self.state["steps"])
-            self._tb.add_scalar("train/lr", fields["lr"], self.state["steps"])
-        elif event == "eval":
-            for j, acc in enumerate(fields["row"]):
-                if acc is not None:
-                    self._tb.add_scalar(f"eval/task{j + 1}", acc, fields["task"] + 1)
-        self._tb.flush()
+            log = self.cfg.log
+            self._log_file = RunLog(self.out, self.dist.is_main, to_dict(self.cfg), tensorboard=log.tensorboard,
+                                    wandb=log.wandb, wandb_project=log.wandb_project)
+        steps = self.state.steps if hasattr(self.state, "steps") else self.state.steps  # global training steps so far
+        self._log_file.write(event, fields, steps)
 
     def save(self, step: HybridStep | None) -> None:
         if step is not None:
-            self.state["step"] = step.state_dict()  # mid-task; zo_step is the counter between tasks
+            self.state.step = step.state_dict()  # mid-task; zo_step is the counter between tasks
         failed = None
         if self.dist.is_main:
             try:
-                save_checkpoint(self.out, self.model.units.state_dict(), {**self.state, "rng": rng_state(), "config": to_dict(self.cfg)})
+                self.state.method, self.state.signal = self.method.state_dict(), self.signal.state_dict()
+                save_checkpoint(self.out, self.model.units.state_dict(), {**self.state.to_checkpoint(), "rng": rng_state(), "config": to_dict(self.cfg)})
             except FloatingPointError as exc:  # never write units a resume could not continue from
                 failed = str(exc)
         # Also the barrier: ranks go on once rank 0 has written the checkpoint, and all know whether it could.
@@ -193,6 +177,11 @@ class Runner:
         """What happened, what is kept, and the command that continues with a smaller learning rate."""
         kept = find_checkpoint(self.out)
         lrs = f"train.lr={self.cfg.train.lr / 10:g}" + (f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") else "")
+        if self.cfg.train.lr_per_task is not None:  # fixed for a run: a resume cannot lower it
+            lrs = "train.lr_per_task=<a tenth of each>" + (f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") else "")
+            return (f"{what}. train.lr_per_task is part of the run's fixed configuration, so a resume cannot lower it; "
+                    f"start again with smaller learning rates, e.g. `mozo run ... {lrs} --out {self.out} --overwrite`, "
+                    f"or set train.skip_nonfinite=true")
         if kept is None:
             return (f"{what}. No checkpoint was written before it, so nothing can be resumed; start again with a lower "
                     f"learning rate, e.g. `mozo run ... {lrs} --out {self.out} --overwrite`, or set train.skip_nonfinite=true")
@@ -209,8 +198,10 @@ class Runner:
         changed = {k: v for k, v in now.items() if saved.get(k) != v}
         missing = self.model.units.load_state_dict({k: v.to(self.device) for k, v in units.items()})
         set_rng_state(state.pop("rng"))
-        self.state.update(state)
-        self.log("resumed", task=self.state["task"], batch=self.state["batch"], missing=str(missing), overrides=changed)
+        self.state = RunState.from_checkpoint(state)
+        self.method.load_state_dict(self.state.method)
+        self.signal.load_state_dict(self.state.signal)
+        self.log("resumed", task=self.state.task, batch=self.state.batch, missing=str(missing), overrides=changed)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,7 +231,7 @@ class Runner:
         self.model.eval()
         text = self.text_features(classnames)
         ds = TransformedDataset(images, self._eval_transform(), seed=self.cfg.seed, skip_corrupt=self.cfg.data.skip_corrupt)
-        loader = make_loader(ds, self.cfg.data.eval_batch_size, shuffle=False, num_workers=self.cfg.data.num_workers,
+        loader = make_loader(ds, self.cfg.data.eval_batch_size, shuffle=False, **plan_workers(self.cfg.data.num_workers, self.device, ds, self.cfg.data.eval_batch_size).loader_kwargs(),
                              rank=self.dist.rank, world_size=self.dist.world_size, pad_last=False)
         correct = torch.zeros(2, dtype=torch.float64)
         for pixels, labels, skipped in tqdm(loader, desc=f"eval {self.tasks[task_index].name}", leave=False, disable=not self.progress):
@@ -265,12 +256,17 @@ class Runner:
 
     # -- training ------------------------------------------------------------------------------
     def make_step(self, t: int) -> HybridStep:
-        step = HybridStep(self.model, self.plan, self.cfg.zo, fo_lr=self.cfg.train.lr, fo_weight_decay=self.cfg.train.weight_decay,
-                          seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision,
-                          reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads, noise_rank=self.dist.rank)
+        step = HybridStep(self.model, self.plan, self.cfg.zo, fo_lr=self.task_lr(t), fo_weight_decay=self.cfg.train.weight_decay,
+                          seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision, method=self.method,
+                          reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads, noise_rank=self.dist.rank,
+                          gather_scalars=self.dist.gather, world_size=self.dist.world_size)
         # mid-task: the step's own state; at a task's start, a fresh optimizer and the run's seed counter
-        step.load_state_dict(self.state["step"] or {"step_index": self.state["zo_step"]})
+        step.load_state_dict(self.state.step or {"step_index": self.state.zo_step})
         return step
+
+    def task_lr(self, t: int) -> float:
+        """Task t's FO learning rate before the schedule: train.lr_per_task's entry, else train.lr."""
+        return task_lr(self.cfg.train, t, self.tasks[t].name)
 
     def steps_for_task(self, t: int) -> int:
         """Training steps of task t: its batches times the epochs, capped by train.max_steps_per_task."""
@@ -286,79 +282,100 @@ class Runner:
         ds = TransformedDataset(task.train, train_tf, seed=mix_seed(cfg.seed, t), label_map=label_map, skip_corrupt=cfg.data.skip_corrupt)
         per_epoch = math.ceil(len(ds) / cfg.train.batch_size)
         total = self.steps_for_task(t)
+        fo_lr = self.task_lr(t)
         text_inputs = self.backbone.tokenize([cfg.data.template.format(c) for c in task.classnames], self.device, cfg.data.prompt_padding)
+        if self.state.step is None and self.state.epoch == 0 and self.state.batch == 0:  # a task's start, not a resume
+            self.method.begin_task(t, self.model)
         step = self.make_step(t)
-        skipped_before = self.state["skipped_nonfinite"]
-        bar = tqdm(total=total, initial=self.state["epoch"] * per_epoch + self.state["batch"], desc=f"task {t + 1}/{self._n_tasks} {task.name} [{cfg.plan}]", disable=not self.progress)
-        while self.state["epoch"] < cfg.train.epochs:
-            done = self.state["epoch"] * per_epoch + self.state["batch"]
+        heldout = self._heldout_batch(t, text_inputs) if cfg.zo.gain_every and self.plan.has("zo") else None
+        skipped_before = self.state.skipped_nonfinite
+        bar = tqdm(total=total, initial=self.state.epoch * per_epoch + self.state.batch, desc=f"task {t + 1}/{self._n_tasks} {task.name} [{cfg.plan}]", disable=not self.progress)
+        while self.state.epoch < cfg.train.epochs:
+            done = self.state.epoch * per_epoch + self.state.batch
             if done >= total:
                 break
-            loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=mix_seed(cfg.seed, t), epoch=self.state["epoch"],
-                                 num_workers=cfg.data.num_workers, start_batch=self.state["batch"],
+            loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=mix_seed(cfg.seed, t), epoch=self.state.epoch,
+                                 **plan_workers(cfg.data.num_workers, self.device, ds, cfg.train.batch_size).loader_kwargs(), start_batch=self.state.batch,
                                  rank=self.dist.rank, world_size=self.dist.world_size)
             for pixels, labels, skipped in loader:
-                done = self.state["epoch"] * per_epoch + self.state["batch"]
+                done = self.state.epoch * per_epoch + self.state.batch
                 if done >= total:
                     break
                 self._count_skipped("train", t, skipped)
                 factor = lr_factor(done, total, cfg.train.warmup_iters, cfg.train.schedule)
-                step.set_lr(cfg.train.lr * factor, cfg.zo.lr * factor)
+                step.set_lr(fo_lr * factor, cfg.zo.lr * factor)
+                profiled = done == min(1, total - 1)  # once per task, after the optimizer state exists, as mozo bench does
+                if not profiled:
+                    self.signal.before_step()
                 start = time.perf_counter()
                 try:
                     pixels, labels = pixels.to(self.device), labels.to(self.device)
-                    if done == min(1, total - 1):  # once per task, after the optimizer state exists, as mozo bench does
+                    if profiled:
                         stats = self._measured_step(t, step, pixels, labels, text_inputs)
                     else:
                         stats = step(pixels, labels, text_inputs)
                 except NonFiniteLossError as exc:
                     if not cfg.train.skip_nonfinite:
-                        self.log("nonfinite", task=t, batch=self.state["batch"], message=str(exc))
+                        self.log("nonfinite", task=t, batch=self.state.batch, message=str(exc))
                         bar.close()
                         raise RunFailed(self._nonfinite_advice(f"{exc} (task {t + 1}, step {done + 1})")) from None
-                    self.state["skipped_nonfinite"] += 1
+                    self.state.skipped_nonfinite += 1
                     step.skip()
                     stats = None
                 elapsed = time.perf_counter() - start
-                self.state["batch"] += 1
-                self.state["steps"] += 1
+                self.state.batch += 1
+                self.state.steps += 1
                 if stats is not None and self.dist.check_sync:  # MOZO_CHECK_ZO_SYNC=1: replicas must stay bitwise equal
                     self.dist.check_synced(self.model.units.named_parameters(), f"task {t + 1} step {done + 1}")
                 if stats is not None:
-                    self.state["step_times"].append(elapsed)
-                    self.state["forward_passes"] += stats.forward_passes
-                    self.state["backward_passes"] += stats.backward_passes
+                    self.state.step_times.append(elapsed)
+                    self.state.forward_passes += stats.forward_passes
+                    self.state.backward_passes += stats.backward_passes
                     for m, v in stats.tower_forwards.items():
-                        self.state["tower_forwards"][m] += v
-                    self.log("step", task=t, step=done + 1, loss=stats.loss, lr=cfg.train.lr * factor, time_s=elapsed,
+                        self.state.tower_forwards[m] += v
+                    gain = self.signal.after_step(t, done + 1, heldout)
+                    if gain is not None:
+                        self.log("zo_gain", task=t, **gain)
+                    self.log("step", task=t, step=done + 1, loss=stats.loss, lr=fo_lr * factor, time_s=elapsed,
                              zo_coefs=stats.zo.coefs if stats.zo else None)
                     bar.set_postfix(loss=f"{stats.loss:.3f}")
                 bar.update(1)
-                if cfg.train.checkpoint_every and self.state["steps"] % cfg.train.checkpoint_every == 0:
+                if cfg.train.checkpoint_every and self.state.steps % cfg.train.checkpoint_every == 0:
                     self.save(step)
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.dist.any(interrupt.requested):  # a signal seen by any rank stops all at this step
                     self.save(step)
                     bar.close()
-                    self.log("interrupted", task=t, batch=self.state["batch"])
+                    self.log("interrupted", task=t, batch=self.state.batch)
                     raise RunInterrupted(f"interrupted; checkpoint saved in {self.out / 'checkpoint'}; continue with: "
                                          f"mozo run --resume {self.out}", interrupt.exit_code)
             else:
-                self.state["epoch"] += 1
-                self.state["batch"] = 0
+                self.state.epoch += 1
+                self.state.batch = 0
                 continue
             break
         bar.close()
-        self.state["zo_step"] = step.step_index
-        self._check_skipped_fraction(t, self.state["skipped_nonfinite"] - skipped_before, total)
+        self.state.zo_step = step.step_index
+        self._check_skipped_fraction(t, self.state.skipped_nonfinite - skipped_before, total)
+        self.method.end_task(t, self.model)
+
+    def _heldout_batch(self, t: int, text_inputs: dict) -> tuple:
+        """Task t's held-out batch for the ZO gain (engine/signal.py): a seeded choice of up to one training
+        batch of its test images, evaluation transform; never trained on."""
+        images = self.tasks[t].test
+        pick = np.random.default_rng(mix_seed(self.cfg.seed, t, 7) % 2**32).permutation(len(images))[: self.cfg.train.batch_size]
+        ds = TransformedDataset(images.subset(np.sort(pick)), self._eval_transform(), seed=self.cfg.seed,
+                                label_map={lab: lab - self.tasks[t].label_offset for lab in self.tasks[t].labels})
+        items = [ds[i] for i in range(len(ds))]
+        return (torch.stack([x for x, _ in items]).to(self.device), torch.tensor([y for _, y in items], device=self.device), text_inputs)
 
     def _measured_step(self, t: int, step: HybridStep, pixels, labels, text_inputs):
         """One training step with its live-tensor peak above the model's parameters recorded (the figure
         `mozo bench` reports; on a CPU the process's RSS cannot tell plans apart, docs/benchmarks.md)."""
         state = live_state_tensors(self.model, pixels, labels, text_inputs, step.fo_optimizer, step.rule.state_dict())
         stats, mem = measure_peak(lambda: step(pixels, labels, text_inputs), self.device, state)
-        self.state["step_peak_bytes"][str(t)] = mem.peak_bytes - storage_bytes(self.model.parameters())
+        self.state.step_peak_bytes[str(t)] = mem.peak_bytes - storage_bytes(self.model.parameters())
         return stats
 
     def _check_skipped_fraction(self, t: int, skipped: int, steps: int) -> None:
@@ -374,32 +391,34 @@ class Runner:
             self.restore()
         if self.dist.is_main:  # on resume: with the overrides it accepted (RESUME_OVERRIDES)
             rundir.atomic_write(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=1))
-        t0 = time.perf_counter() - self.state["wall_time_s"]
+        t0 = time.perf_counter() - self.state.wall_time_s
         # comm counters live in this process: per-step volumes use the steps run here (not the resumed ones)
-        self._steps_at_start, self._comm_at_start = self.state["steps"], dict(self.dist.payload_bytes)
+        self._steps_at_start, self._comm_at_start = self.state.steps, dict(self.dist.payload_bytes)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         overview = run_overview(self)
         if self.show_overview and self.dist.is_main:
             print(overview, flush=True)
-        self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts(), overview=overview)
+        self.log("start", resume=resume, plan=self.plan.describe(), trainable=self.model.trainable_parameter_counts(), overview=overview,
+                 data_workers=describe_workers(self.cfg.data.num_workers, self.device, {t.name: t.train for t in self.tasks},
+                                               self.cfg.train.batch_size, self.backbone.image_size))
         with self._interrupt:
-            while self.state["task"] < self._n_tasks:
-                t = self.state["task"]
-                if not self.state["trained"]:
+            while self.state.task < self._n_tasks:
+                t = self.state.task
+                if not self.state.trained:
                     self.train_task(t)
                     # Checkpoint the trained units before evaluating: a failure while evaluating loses no training,
                     # and a resume re-runs only the evaluation.
-                    self.state.update(trained=True, epoch=0, batch=0, step=None)
-                    self.state["wall_time_s"] = time.perf_counter() - t0
+                    self.state.trained, self.state.epoch, self.state.batch, self.state.step = True, 0, 0, None
+                    self.state.wall_time_s = time.perf_counter() - t0
                     self.save(None)
                 row = self.evaluate_after(t)
-                self.state["acc_matrix"].append(row)
+                self.state.acc_matrix.append(row)
                 self.log("eval", task=t, row=row)
-                self.state.update(task=t + 1, trained=False)
-                self.state["wall_time_s"] = time.perf_counter() - t0
+                self.state.task, self.state.trained = t + 1, False
+                self.state.wall_time_s = time.perf_counter() - t0
                 self.save(None)
-        self.state["wall_time_s"] = time.perf_counter() - t0
+        self.state.wall_time_s = time.perf_counter() - t0
         results = self.results()
         if self.dist.is_main:
             rundir.atomic_write(self.out / "results.json", json.dumps(results, indent=1))
@@ -410,11 +429,11 @@ class Runner:
         sc, s = self.scenario, self.state
         names = [t.name for t in self.tasks]
         sizes = [len(t.test) if not self.cfg.eval_max_samples else min(len(t.test), self.cfg.eval_max_samples) for t in self.tasks]
-        summary = summarize(s["acc_matrix"], sc.protocol, sizes)
+        summary = summarize(s.acc_matrix, sc.protocol, sizes)
         return {
             "protocol": sc.protocol, "scenario": sc.name, "tasks": names, "task_test_sizes": sizes,
-            "acc_matrix": s["acc_matrix"], "summary": summary, "config": to_dict(self.cfg),
-            "plan": self.plan.describe(), "cost": self.cost(),
+            "acc_matrix": s.acc_matrix, "summary": summary, "config": to_dict(self.cfg),
+            "plan": self.plan.describe(), "cost": self.cost(), "zo_signal": self.signal.summary(),
         }
 
     def cost(self) -> dict:
@@ -433,12 +452,12 @@ class Runner:
             "trainable_params": {"total": counts["total"], "by_part": by_mode, "by_kind": counts},
             "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
             # per task, one training step's live tensors above the model's parameters (as `mozo bench` measures)
-            "step_peak_bytes": [s["step_peak_bytes"].get(str(t)) for t in range(len(self.tasks))],
+            "step_peak_bytes": [s.step_peak_bytes.get(str(t)) for t in range(len(self.tasks))],
             "step_peak_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_live_tensors",
-            "wall_time_s": s["wall_time_s"], "step_time_s": statistics.median(s["step_times"]) if s["step_times"] else None,
-            "steps": s["steps"], "forward_passes": s["forward_passes"], "backward_passes": s["backward_passes"],
-            "tower_forwards": s["tower_forwards"], "skipped_nonfinite_steps": s["skipped_nonfinite"],
-            "skipped_images": len(s["skipped_images"]), "world_size": self.dist.world_size,
+            "wall_time_s": s.wall_time_s, "step_time_s": statistics.median(s.step_times) if s.step_times else None,
+            "steps": s.steps, "forward_passes": s.forward_passes, "backward_passes": s.backward_passes,
+            "tower_forwards": s.tower_forwards, "skipped_nonfinite_steps": s.skipped_nonfinite,
+            "skipped_images": len(s.skipped_images), "world_size": self.dist.world_size,
             **self._comm_cost(),
         }
 
@@ -447,7 +466,7 @@ class Runner:
         contributes per step by kind whatever the world size (also on one process, where nothing is sent)."""
         start = getattr(self, "_comm_at_start", {})
         delta = {k: v - start.get(k, 0) for k, v in self.dist.payload_bytes.items()}
-        steps = self.state["steps"] - getattr(self, "_steps_at_start", 0)
+        steps = self.state.steps - getattr(self, "_steps_at_start", 0)
         per_step = {k: delta.get(k, 0) / steps if steps else 0.0 for k in TRAIN_KINDS}
         return {"comm_bytes_per_step": sum(per_step.values()) if self.dist.active else 0.0,
                 "comm_payload_bytes_per_step": per_step, "comm_eval_bytes": delta.get("eval", 0),
@@ -476,6 +495,9 @@ def run_experiment(cfg: RunConfig, out_dir: str | Path, scenario: Scenario | Non
     The run directory is checked (and locked) before the data or the backbone is loaded. On resume the data
     root recorded in run.json is used unless `data_root` is given, and the data must match its fingerprint.
     """
+    from mozo.engine.logs import check_available
+
+    check_available(cfg.log.wandb)  # a missing optional logger is reported before anything is written
     out = Path(out_dir)
     is_main = dist is None or dist.is_main
     if is_main:

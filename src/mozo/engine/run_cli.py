@@ -61,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     from mozo.engine.checkpoint import CheckpointError
     from mozo.engine.config import ConfigError, load_config, preset_names, valid_keys
     from mozo.engine.distributed import init_distributed, shutdown
+    from mozo.engine.logs import check_available
     from mozo.engine.loop import RunFailed, RunInterrupted, run_experiment
     from mozo.engine.rundir import RunDirError, prepare
     from mozo.metrics.cli import format_summary
@@ -80,10 +81,12 @@ def main(args: argparse.Namespace) -> int:
             prepare(out, resume=True)
             overrides = ([args.config] if args.config else []) + list(args.overrides)
             cfg = resume_config(out, overrides)
+            check_available(cfg.log.wandb)
         else:
             if not args.config:
                 raise ConfigError("give a preset or YAML file (mozo run --list shows the presets), or --resume RUN_DIR")
             cfg = load_config(args.config, args.overrides)
+            check_available(cfg.log.wandb)  # log.wandb=true without wandb: said before anything loads
             out = Path(args.out) if args.out else default_out(cfg)
             if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 owns the run directory
                 prepare(out, resume=False, overwrite=args.overwrite)

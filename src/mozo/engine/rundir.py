@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, Optional
 
-RUN_FILES = ("config.json", "results.json", "events.jsonl", "run.json", "checkpoint", "checkpoint.old", "tb")
+RUN_FILES = ("config.json", "results.json", "events.jsonl", "run.json", "checkpoint", "checkpoint.old", "tb", "wandb", "eval")
 LOCK = ".lock"
 
 

@@ -20,6 +20,7 @@ class RunState:
     zo_step: int = 0  # the ZO seed counter between tasks (mid-task it lives in `step`)
     step: Optional[dict] = None  # HybridStep.state_dict() of a task interrupted mid-way
     method: dict = field(default_factory=dict)  # the continual-learning method's state_dict()
+    signal: dict = field(default_factory=dict)  # engine/signal.py ZOSignal.state_dict(): step sizes and ZO gains
     acc_matrix: list = field(default_factory=list)
     steps: int = 0  # training steps of the whole run
     skipped_nonfinite: int = 0

@@ -65,6 +65,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("forgetting", "Forgetting", _fixed(2)),
     Column("trainable_params", "trainable params", _count),
     Column("step_peak_mib", "step peak (MiB, tensors)", _fixed(2)),
+    Column("zo_step_ratio", "ZO/FO step size", _fixed(3)),
+    Column("zo_gain_excess", "ZO gain - noise gain", _fixed(6)),
     Column("peak_mem_mib", "process peak (MiB)", _fixed(1)),
     Column("wall_time_s", "wall time (s)", _fixed(1)),
 )
@@ -132,6 +134,12 @@ def build_row(run: RunResult) -> dict[str, Any]:
     # peak is the CPU's max RSS, which is the same for every plan on a CPU (peak_mem_kind says which)
     steps = [_number(v) for v in cost.get("step_peak_bytes") or [] if _number(v) is not None] \
         if isinstance(cost.get("step_peak_bytes"), list) else []
+    signal = run.results.get("zo_signal") if isinstance(run.results.get("zo_signal"), dict) else {}
+    tasks = [v for v in signal.values() if isinstance(v, dict)]
+    ratios = [_number(r) for t in tasks for r in (t.get("zo_to_fo_step_ratio") or {}).values()]
+    excess = [_number(t.get("mean_zo_gain")) - _number(t.get("mean_noise_gain")) for t in tasks
+              if _number(t.get("mean_zo_gain")) is not None and _number(t.get("mean_noise_gain")) is not None]
+    ratios = [r for r in ratios if r is not None]
     return {
         "run": run.name,
         "plan": _label(config.get("plan")),
@@ -139,6 +147,10 @@ def build_row(run: RunResult) -> dict[str, Any]:
         **{key: run.summary[key] for key in ("last", "avg", "transfer", "bwt", "forgetting")},
         "trainable_params": _trainable_total(cost),
         "step_peak_mib": max(steps) / MIB if steps else None,
+        # engine/signal.py: mean over tasks and ZO towers of the ZO step size relative to FO's, and of the held-out
+        # loss decrease of the ZO update minus that of a random update of the same size (zo.gain_every runs)
+        "zo_step_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "zo_gain_excess": sum(excess) / len(excess) if excess else None,
         "peak_mem_mib": None if peak is None else peak / MIB,
         "wall_time_s": _number(cost.get("wall_time_s")),
     }

@@ -61,6 +61,15 @@ class ZOConfig:
     Defaults: one-sided, because the FO forward already yields L(theta) so a q=1 step costs one extra
     forward; Gaussian directions, for which E[c z] is the gradient exactly (Rademacher is also unbiased
     and has lower variance per coordinate; both are offered).
+
+    rank_directions (data-parallel runs, docs/distributed.md): false (default), every rank uses the same q
+    direction seeds and the ranks' loss differences are averaged (the one-process estimate of the global
+    batch). True (as lebrice/MeZO does), rank r draws its own q seeds, a function of (seed, step, direction,
+    rank) with rank 0 keeping the one-process seeds, evaluates them on its own shard, and the q x N loss
+    differences are all-gathered: every rank applies the same update over all q x N directions (the rule's
+    update for q x N directions, e.g. their mean), so q grows with the number of ranks at no extra time.
+    Each rank restores its ZO units from a copy saved before its own perturbations (memory: one fp32 copy
+    of the ZO units), so replicas stay bitwise equal. On one process it changes nothing.
     """
 
     rule: str = "sgd"
@@ -75,6 +84,8 @@ class ZOConfig:
     # One loss difference per ZO tower (each tower perturbed alone, the other's features reused): the same
     # tower forwards as the joint estimate, without the other tower's term in each tower's coefficient.
     per_tower: bool = False
+    rank_directions: bool = False  # data-parallel: each rank its own q directions, q x N differences all-gathered
+    gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
     def __post_init__(self) -> None:
         get_rule(self.rule)  # an unknown name lists the registered rules
@@ -82,6 +93,7 @@ class ZOConfig:
             raise ValueError(f"zo.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
         check_range("zo.q", self.q, 1, integer=True)
+        check_range("zo.gain_every", self.gain_every, 0, integer=True)
         check_range("zo.weight_decay", self.weight_decay, 0)
         for f in dataclasses.fields(self):  # one epsilon key per parameter group the step names (eps_<group>)
             if f.name.startswith("eps_"):
