@@ -5,6 +5,9 @@ interpreter running `python -m mozo.bench.measure`), after warm-up, so no plan i
 allocator state. A forward-only `inference` row (both towers under `no_grad`) is always added: the
 floor that zeroth-order plans approach. The table gives every figure as a ratio to the `fo` row when
 `fo` is among the plans. How memory is measured: mozo/bench/memory.py and docs/benchmarks.md.
+
+`mozo bench --data PRESET [key=value ...] --data-root DIR` times the input pipeline instead: images/s of the
+preset's first training set per loader worker count (mozo/bench/data_rate.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from mozo.backbone.clip import PROMPT_PADDINGS
 from mozo.bench.measure import INFERENCE, BenchSpec
+from mozo.peft.registry import kind_names
 from mozo.zo.rules import RULES
 
 DEFAULT_PLANS = "fo,dual-zo,vision-zo,language-zo"
@@ -46,9 +50,9 @@ def split_plans(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="vit-b-16", help="tiny | vit-b-16 (ViT-B/16 geometry, random init) | hub id | save_pretrained folder (default vit-b-16)")
-    parser.add_argument("--peft", default="moe", choices=("moe", "lora", "adapter"), help="PEFT units on every layer of both towers (default moe)")
+    parser.add_argument("--peft", default="moe", choices=kind_names(), help="PEFT units on every layer of both towers (default moe)")
     parser.add_argument("--towers", default="vision,language", help="towers that get PEFT units (default vision,language)")
-    parser.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 4; with --data the preset's train.batch_size)")
     parser.add_argument("--classes", type=int, default=10, help="class prompts encoded per step (default 10)")
     parser.add_argument("--prompt-padding", default="longest", choices=PROMPT_PADDINGS,
                         help="cut prompts at the longest one, as `mozo run` does (default), or pad them to the 77-token context "
@@ -70,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how each plan gets a fresh process: forkserver (forked from a process that only imported the modules; default) "
                         "or subprocess (a new interpreter per plan)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per plan process (default 1800)")
+    data = parser.add_argument_group("input pipeline (--data): images/s of reading + the training transform per loader worker count")
+    data.add_argument("--data", metavar="PRESET", help="time the first task's training set of this preset (or YAML) as `mozo run` loads it, "
+                      "instead of the plans; `demo` needs no data root")
+    data.add_argument("overrides", nargs="*", help="with --data: key=value overrides of the preset, e.g. data.dataset=imagefolder")
+    data.add_argument("--data-root", help="with --data: the folder holding the datasets (docs/datasets.md)")
+    data.add_argument("--workers", help="with --data: comma-separated worker counts (default 0, 1, 2, 4, ... up to the cores, and auto's)")
+    data.add_argument("--images", type=int, default=512, help="with --data: images timed per worker count (default 512, at most the task's)")
+    data.add_argument("--image-size", type=int, help="with --data: the transform's output size (default: the preset's backbone's)")
+    data.add_argument("--step", action="store_true", help="with --data: also measure the preset's training step (its plan, backbone "
+                      "geometry and batch) in a fresh process, to set the images/s it consumes beside the loader's")
 
 
 def _default_device() -> str:
@@ -191,7 +205,60 @@ def describe(spec: BenchSpec, rows: list[dict]) -> str:
             f"memory: {first.get('memory_method', '?')}\n{RANDOM_INIT_NOTE}")
 
 
+def data_main(args: argparse.Namespace) -> int:
+    """`mozo bench --data PRESET`: the input pipeline's images/s (mozo/bench/data_rate.py)."""
+    from mozo.bench.data_rate import format_report, run_data_bench, step_rate
+    from mozo.engine.config import ConfigError, load_config
+
+    try:
+        counts = [int(c) for c in args.workers.split(",") if c.strip()] if args.workers else None
+    except ValueError:
+        counts = [-1]
+    if counts is not None and (not counts or min(counts) < 0):
+        print(f"mozo bench: error: --workers takes comma-separated integers >= 0, got {args.workers!r}", file=sys.stderr)
+        return 2
+    if args.images < 1 or (args.batch is not None and args.batch < 1) or (args.image_size is not None and args.image_size < 1):
+        print("mozo bench: error: --images, --batch and --image-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.data, args.overrides)
+    except ConfigError as exc:
+        print(f"mozo bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        result = run_data_bench(cfg, args.data_root, args.batch, args.images, counts, args.device, args.image_size, log)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:  # the readers' layout errors, corrupt images
+        print(f"mozo bench: error: {exc}", file=sys.stderr)
+        return 1
+    step = None
+    if args.step:
+        log(f"training step: {cfg.plan} ...")
+        try:
+            step = step_rate(cfg, result["batch"], result["classes"], result["device"], args.threads, args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"mozo bench: error: the training step failed: {exc}", file=sys.stderr)
+            return 1
+        result["step"] = step
+    print(format_report(result, step))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        print(f"\nresult written to {args.json_out}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.data:
+        return data_main(args)
+    if args.overrides:
+        print(f"mozo bench: error: key=value overrides ({' '.join(args.overrides)}) apply only with --data PRESET", file=sys.stderr)
+        return 2
+    args.batch = 4 if args.batch is None else args.batch
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 1:
         print("mozo bench: error: --steps, --batch and --classes must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2

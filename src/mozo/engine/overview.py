@@ -41,7 +41,8 @@ def run_overview(runner) -> str:
         lines.append(f"ZO        rule {z.rule}, lr {z.lr:g}, q {z.q}, {'two' if z.two_sided else 'one'}-sided, {z.distribution}, "
                      + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + (", one estimate per tower" if z.per_tower else ""))
     if plan.has("fo"):
-        lines.append(f"FO        AdamW lr {cfg.train.lr:g}, weight decay {cfg.train.weight_decay:g}, {cfg.train.schedule}, "
+        lr = f"{cfg.train.lr:g}" if cfg.train.lr_per_task is None else "per task " + ", ".join(f"{runner.task_lr(t):g}" for t in range(len(runner.tasks)))
+        lines.append(f"FO        AdamW lr {lr}, weight decay {cfg.train.weight_decay:g}, {cfg.train.schedule}, "
                      f"{cfg.train.warmup_iters} warm-up steps")
     lines += [
         f"steps     batch {cfg.train.batch_size}, {cfg.train.epochs} epoch(s); per task {', '.join(map(str, steps))} (total {sum(steps)})",
