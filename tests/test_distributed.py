@@ -120,7 +120,7 @@ def _rank_directions_reference(plan: str = "dual-zo") -> dict:
     """The 2-rank zo.rank_directions steps rebuilt on one process: for each rank r, the loss differences of
     r's shard along r's own seeds (mix_seed(seed, step, d + 1), and mix_seed(seed, step, d + 1, r) for r > 0),
     then one SGD update over all 2 x RD_Q directions (the mean of c z), applied as a replay of the record."""
-    from mozo.zo.directions import mix_seed
+    from mozo.seeds import mix_seed
     from mozo.zo.rules import ZORecord, replay
 
     bb, model = _model()
@@ -373,7 +373,7 @@ def test_nan_on_one_rank_raises_on_all_and_sync_check_catches_divergence(job):
 
 @pytest.mark.parametrize("plan", RD_PLANS)
 def test_rank_directions_keep_ranks_bitwise_equal(job, plan):
-    from mozo.zo.directions import mix_seed
+    from mozo.seeds import mix_seed
 
     s0, s1 = (rk["steps"][plan] for rk in job["ranks"])
     for s in (s0, s1):

@@ -3,13 +3,15 @@
 - FO units: gradients are all-reduced (averaged) before the optimizer step, as DDP does.
 - ZO units: every rank uses the same direction seeds; only the q scalar loss differences (with the
   step's loss, in the same all-reduce) are communicated, so every rank applies the identical update
-  and ZO parameters never diverge.
+  and ZO parameters never diverge. With zo.rank_directions each rank uses its own seeds and the q x N
+  differences are all-gathered (`gather`) instead of averaged.
 - Evaluation: each rank scores a shard of the test set; correct/total counts are summed.
 Only rank 0 writes results, logs and checkpoints.
 
 Every collective is counted by kind in `payload_bytes` (the bytes this rank contributes to
-all-reduces: `fo_grads`, `scalars`, `control`, `eval`, `checkpoint`, `debug`), also on one process, where nothing
-is sent but the numbers say what a data-parallel run of the same plan would all-reduce per step.
+all-reduces, or the gathered tensor of an all-gather: `fo_grads`, `scalars`, `control`, `eval`,
+`checkpoint`, `debug`), also on one process, where nothing is sent but the numbers say what a
+data-parallel run of the same plan would all-reduce per step.
 `bytes_communicated` is what was actually all-reduced (0 on one process).
 """
 from __future__ import annotations
@@ -69,6 +71,22 @@ class DistContext:
         """Average a tensor over ranks (identity on one process)."""
         total = self.reduce_sum(t, kind)
         return total / self.world_size if self.active else total
+
+    def gather(self, t: torch.Tensor, kind: str = "scalars") -> torch.Tensor:
+        """Every rank's `t` stacked in rank order, shape (world_size, *t.shape), bitwise the same on every rank
+        (`t.unsqueeze(0)` on one process). zo.rank_directions gathers the ranks' own loss differences with it.
+
+        Counted as the gathered tensor's bytes, world_size x t (what every rank ends up holding; a ring
+        all-gather sends and receives (N-1)/N of it per rank)."""
+        n = t.numel() * t.element_size() * self.world_size
+        self.payload_bytes[kind] = self.payload_bytes.get(kind, 0) + n
+        if not self.active:
+            return t.unsqueeze(0)
+        self.bytes_communicated += n
+        src = t.detach().contiguous().to(self.comm_device)
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(out, src)
+        return torch.stack(out).to(t.device)
 
     def reduce_grads(self, grads: list[torch.Tensor]) -> None:
         """Average FO gradients in one flat all-reduce (what DDP's buckets do, in one bucket).
