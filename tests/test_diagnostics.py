@@ -142,7 +142,7 @@ def test_clip_unit_closure_and_true_gradient():
     from mozo.backbone.clip import load_backbone
     from mozo.diagnostics.measure import block_loss_fn, diagnose, random_batches, true_gradients, warmup
     from mozo.peft.inject import MozoCLIP
-    from mozo.zo.directions import mix_seed
+    from mozo.seeds import mix_seed
 
     torch.manual_seed(0)
     bb = load_backbone("tiny")
@@ -220,7 +220,8 @@ def test_joint_estimate_is_the_training_steps_estimate():
     from mozo.diagnostics.measure import diagnose_joint, random_batches, warmup
     from mozo.peft.inject import MozoCLIP
     from mozo.backbone.towers import TOWER_STREAMS
-    from mozo.zo.directions import mix_seed, perturb_
+    from mozo.zo.directions import perturb_
+    from mozo.seeds import mix_seed
 
     torch.manual_seed(0)
     bb = load_backbone("tiny")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mozo
-from mozo.zo.directions import direction, mix_seed, perturb_
+from mozo.zo.directions import direction, perturb_
+from mozo.seeds import mix_seed
 from mozo.backbone.towers import TOWER_STREAMS
 from mozo.zo.estimator import Estimator, Group
 from mozo.zo.rules import estimate_, replay

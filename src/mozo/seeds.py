@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 
 
-def derive_seed(*parts: int | str) -> int:
+def mix_seed(*parts: int | str) -> int:
     """A 63-bit seed from integers and strings: sha256 of the parts joined by '/', identical on every
     machine and Python version (no hash() randomisation, no RNG stream), uncorrelated for nearby inputs."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()

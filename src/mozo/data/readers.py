@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import codecs
-import hashlib
 import math
 import pickle
 import re
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from mozo.seeds import mix_seed
 
 from .base import DatasetLayoutError, LabelledImages, contained, read_text, utf8_name
 
@@ -340,11 +341,6 @@ IMAGENET_R_CLASSNAMES: dict[str, str] = {
 }
 
 
-def _stable_key(*parts: object) -> str:
-    """A hash that is the same on every machine and Python version (unlike hash() or RNG streams)."""
-    return hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).hexdigest()
-
-
 def split_test_count(n: int, test_fraction: float) -> int:
     """Test images of a class with n images: round(n * fraction) (halves up), at least 1 and at most n-1 when n >= 2."""
     if n < 2:
@@ -355,11 +351,11 @@ def split_test_count(n: int, test_fraction: float) -> int:
 def stratified_split(files: list[Path], seed: int, salt: str, test_fraction: float) -> tuple[list[Path], list[Path]]:
     """Split one class's files into (train, test), reproducibly on any machine.
 
-    Files are ranked by sha256(f"{seed}/{salt}/{file name}"); the first `split_test_count(n, fraction)` form
+    Files are ranked by mix_seed(seed, salt, file name) (mozo/seeds.py); the first `split_test_count(n, fraction)` form
     the test set. Hash ranking, unlike a seeded shuffle, does not depend on a library's RNG stream and
     does not change when unrelated files are added. Both lists come back sorted by name.
     """
-    ranked = sorted(files, key=lambda p: _stable_key(seed, salt, p.name))
+    ranked = sorted(files, key=lambda p: (mix_seed(seed, salt, p.name), p.name))
     n_test = split_test_count(len(files), test_fraction)
     test = sorted(ranked[:n_test], key=lambda p: p.name)
     train = sorted(ranked[n_test:], key=lambda p: p.name)
@@ -383,7 +379,7 @@ def read_imagenet_r(root: Path | str, seed: int = 0, test_fraction: float = 0.2)
     """ImageNet-R from `root/imagenet-r/<wnid>/*` (or `root` = that folder), split per class into train/test.
 
     ImageNet-R ships no train/test split. Each class is split separately (stratified): the
-    `round(test_fraction * n)` files with the smallest sha256(f"{seed}/{wnid}/{file name}") are test, the
+    `round(test_fraction * n)` files with the smallest mix_seed(seed, wnid, file name) are test, the
     rest train (see `stratified_split`); the split depends only on seed, fraction and file names.
     Labels = position of the wnid among the sorted wnid folders. Class names: `imagenet-r/classnames.txt`
     ('<wnid> <name>' lines) if present, else the built-in names of the 200 classes, else the folder name.

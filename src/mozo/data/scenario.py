@@ -12,7 +12,6 @@ One `Scenario` type serves both protocols (docs/experiments.md, Protocols):
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
+
+from mozo.seeds import mix_seed
 
 from .base import LabelledImages
 from .readers import read_dataset
@@ -163,14 +164,10 @@ class Scenario:
 
 
 # ------------------------------------------------------------------------------------------- few-shot
-def _rank_key(seed: int, *parts: object) -> str:
-    return hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode("utf-8")).hexdigest()
-
-
 def few_shot_indices(labels: np.ndarray, k: int, seed: int = 0, salt: str = "") -> np.ndarray:
     """Indices (sorted) keeping k samples per class, the same on every machine.
 
-    Within each class, samples are ranked by sha256(f"{seed}/{salt}/{label}/{index}") and the first k kept:
+    Within each class, samples are ranked by mix_seed(seed, salt, label, index) (mozo/seeds.py) and the first k kept:
     a function of the seed and the reader's (sorted) listing only, not of an RNG library's stream. A
     class with fewer than k samples keeps them all (with a warning).
     """
@@ -183,7 +180,7 @@ def few_shot_indices(labels: np.ndarray, k: int, seed: int = 0, salt: str = "") 
         idx = np.flatnonzero(labels == c)
         if len(idx) < k:
             short.append(int(c))
-        ranked = sorted(idx.tolist(), key=lambda i: _rank_key(seed, salt, int(c), i))
+        ranked = sorted(idx.tolist(), key=lambda i: (mix_seed(seed, salt, int(c), i), i))
         keep += ranked[:k]
     if short:
         warnings.warn(f"few-shot {k}: classes {short[:10]} have fewer than {k} training images; kept all of theirs")

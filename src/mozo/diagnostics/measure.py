@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from mozo.backbone.towers import MODALITIES, TOWER_STREAMS
 from mozo.diagnostics.stats import DirectionSet, eps_row, estimator_statistics, flat
 from mozo.peft.inject import MozoCLIP
-from mozo.zo.directions import direction, mix_seed
+from mozo.zo.directions import direction
+from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 
 MODALITY_ID = {"vision": 1, "language": 2}

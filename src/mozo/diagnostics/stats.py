@@ -47,7 +47,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mozo.zo.directions import direction, mix_seed
+from mozo.zo.directions import direction
+from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 
 

@@ -36,7 +36,7 @@ from mozo.engine.step import HybridStep, NonFiniteLossError
 from mozo.methods import build_method
 from mozo.metrics.summary import summarize
 from mozo.peft.inject import MozoCLIP
-from mozo.zo.directions import mix_seed
+from mozo.seeds import mix_seed
 
 
 class RunInterrupted(KeyboardInterrupt):

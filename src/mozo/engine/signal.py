@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mozo.seeds import derive_seed
+from mozo.seeds import mix_seed
 
 
 class ZOSignal:
@@ -62,7 +62,7 @@ class ZOSignal:
             self._set(after, zo_parts)
             loss_zo = self._loss(heldout)
             noise = {}
-            g = torch.Generator().manual_seed(derive_seed(self.seed, task, step, "noise-gain"))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, task, step, "noise-gain"))
             for k in zo_parts:
                 delta = [a - b for a, b in zip(after[k], before[k])]
                 norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta))

@@ -11,12 +11,15 @@ One call does, for a batch (docs/method.md, The hybrid step):
    tower's cached features; restore. Noise (dropout, router) is re-seeded identically in every forward.
    With `zo.per_tower`, each ZO tower is perturbed and re-run alone (one loss difference per tower and
    direction): the same tower forwards, and no tower's coefficient carries the other tower's term.
+   With `zo.rank_directions` (data parallel) each rank draws its own q directions and the ranks' loss
+   differences are all-gathered: every rank applies one update over the q x N directions.
 3. Apply the FO optimizer and the ZO rule. FO parameters do not move before all ZO forwards are done,
    so every loss of one estimate is evaluated at the same FO parameters.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,7 +32,7 @@ from mozo.methods.base import Method
 from mozo.methods.baseline import Baseline
 from mozo.peft.inject import MozoCLIP
 from mozo.zo.config import ZOConfig
-from mozo.zo.directions import mix_seed
+from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 from mozo.zo.plan import Plan
 from mozo.zo.rules import UpdateContext, ZORecord, get_rule
@@ -67,7 +70,8 @@ class HybridStep:
                  fo_weight_decay: float = 0.0, seed: int = 0, method: Method | None = None,
                  precision: str = "fp32",
                  reduce_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None, noise_rank: int = 0):
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None, noise_rank: int = 0,
+                 gather_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1):
         self.model = model
         self.plan = model.plan(plan) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
@@ -78,6 +82,13 @@ class HybridStep:
         self.reduce_grads = reduce_grads
         self.step_index = 0  # the ZO seed counter: checkpoints store it
         self.noise_rank = noise_rank  # data-parallel rank: dropout/router noise differs per rank (rank 0 = one-process stream)
+        # zo.rank_directions: rank `noise_rank` draws its own direction seeds, and `gather_scalars` (DistContext.gather:
+        # (world_size, n), rank order) brings every rank's loss differences to every rank.
+        self.gather_scalars = gather_scalars or (lambda t: t.unsqueeze(0))
+        self.world_size = world_size
+        if self.zo.rank_directions and world_size > 1 and gather_scalars is None:
+            raise ValueError("zo.rank_directions with world_size > 1 needs gather_scalars (DistContext.gather)")
+        self._saved: Optional[list[torch.Tensor]] = None  # zo.rank_directions, world_size > 1: ZO units before perturbing
         self._nonfinite: Optional[str] = None
         self.zo_lr = self.zo.lr
 
@@ -85,7 +96,14 @@ class HybridStep:
         for u in model.unit_list():
             u.requires_grad_(self.plan.mode(u.info.modality, u.info.layer) == "fo")
         self.fo_params = [p for u in units["fo"] for p in u.parameters()]
-        self.zo_params = {m: [p for u in units["zo"] if u.info.modality == m for p in u.parameters()] for m in MODALITIES}
+        # zo.parts: which parameters of a ZO unit the estimate perturbs and the rule updates (the rest stay put)
+        self.zo_params = {m: [p for u in units["zo"] if u.info.modality == m for n, p in u.named_parameters()
+                              if any(fnmatch.fnmatchcase(n, pat) for pat in self.zo.parts.split(","))] for m in MODALITIES}
+        for m in {u.info.modality for u in units["zo"]}:
+            if not self.zo_params[m]:
+                names = sorted({n for u in units["zo"] for n, _ in u.named_parameters()})
+                raise ValueError(f"zo.parts={self.zo.parts!r} matches no parameter of the {m} ZO units; their parameters "
+                                 f"are named {', '.join(names)} (shell-style patterns, comma-separated)")
         self.zo_towers = [m for m in MODALITIES if self.zo_params[m]]
         self.fo_towers = [m for m in MODALITIES if self.plan.has("fo", m)]
         # 0-based index of the lowest ZO layer per tower: perturbed forwards start there.
@@ -159,6 +177,22 @@ class HybridStep:
         # Rank 0 keeps the one-process stream; other ranks draw independent masks for their shard.
         return mix_seed(self.seed, k, 0) if self.noise_rank == 0 else mix_seed(self.seed, k, 0, self.noise_rank)
 
+    def direction_seeds(self, k: int, rank: int | None = None) -> list[int]:
+        """The q direction seeds of step k: the same on every rank, or (zo.rank_directions) those of `rank` (default:
+        this rank), a function of (seed, step, direction, rank) where rank 0 keeps the one-process seeds."""
+        r = (self.noise_rank if rank is None else rank) if self.zo.rank_directions else 0
+        return [mix_seed(self.seed, k, d + 1) if r == 0 else mix_seed(self.seed, k, d + 1, r) for d in range(self.zo.q)]
+
+    def _restore_saved(self) -> None:
+        """zo.rank_directions on N > 1 ranks: put the ZO units back to the bits saved before this rank's perturbations.
+        Each rank perturbs along its own z, and theta + eps z - eps z rounds differently for different z: undone by
+        subtraction, replicas would drift apart by an ulp here and there."""
+        if self._saved is not None:
+            with torch.no_grad():
+                for p, saved in zip((p for m in self.zo_towers for p in self.zo_params[m]), self._saved):
+                    p.copy_(saved)
+            self._saved = None
+
     def _check(self, loss: torch.Tensor, where: str) -> None:
         # Recorded, raised after the step's scalar all-reduce: in a data-parallel run a rank raising alone
         # would leave the other ranks waiting in a collective forever.
@@ -172,7 +206,7 @@ class HybridStep:
         k = self.step_index
         noise_seed = self.noise_seed(k)
         self._nonfinite = None
-        seeds = [mix_seed(self.seed, k, d + 1) for d in range(cfg.q)]
+        seeds = self.direction_seeds(k)
         counts: Counter = Counter()
         inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
         try:
@@ -182,6 +216,8 @@ class HybridStep:
             for m, n in self._prepared.tower_forwards.items():
                 counts[f"tower:{m}"] += n
                 counts[f"layers:{m}"] += n * model.num_layers(m)
+            if cfg.rank_directions and self.world_size > 1 and self.zo_towers:  # memory: one copy of the ZO units
+                self._saved = [p.detach().clone() for m in self.zo_towers for p in self.zo_params[m]]
             if cfg.fo_at_perturbed and self.zo_towers:  # the FO forward runs at theta + eps z(seeds[0])
                 self.estimator.perturb(seeds[0], +1.0, self.zo_towers)
             feats, cache = {}, {}
@@ -216,17 +252,28 @@ class HybridStep:
                                                    loss0, self._check)
                 if cfg.fo_at_perturbed:
                     loss0 = (diffs.plus[0] + diffs.minus[0]) / 2  # the loss at theta, to first order
+                self._restore_saved()  # zo.rank_directions: theta exactly, the same bits on every rank
             # One all-reduce for every scalar of the step: the loss differences and the loss. A non-finite
             # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
             # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must
             # perturb and restore alike, or the rounding of theta + eps z - eps z would set replicas apart.)
-            scalars = self.reduce_scalars(torch.cat([d.reshape(-1) for d in (diffs.diffs if diffs else [])] + [loss0.reshape(-1)]).float())
+            # zo.rank_directions: an all-gather instead, every rank's (differences, loss) to every rank; the same rule.
+            local = torch.cat([d.reshape(-1) for d in (diffs.diffs if diffs else [])] + [loss0.reshape(-1)]).float()
+            if cfg.rank_directions:
+                gathered = self.gather_scalars(local)  # (N, n): row r holds rank r's differences and loss
+                if gathered.shape[0] != self.world_size:
+                    raise ValueError(f"gather_scalars returned {gathered.shape[0]} ranks, but world_size is {self.world_size}")
+                scalars = torch.cat([gathered[:, :-1].reshape(-1), gathered[:, -1].mean().reshape(1)])
+            else:
+                scalars = self.reduce_scalars(local)
             if self._nonfinite is not None or not torch.isfinite(scalars).all():
                 raise NonFiniteLossError(f"{self._nonfinite or 'non-finite loss on another rank'}; lower the learning rate "
                                          "or epsilon, or enable train.skip_nonfinite")
             loss_mean = float(scalars[-1])
             if self.zo_towers:
-                coefs = self.estimator.coefficients(scalars[:-1], diffs.blocks)
+                if cfg.rank_directions:  # all ranks' directions, in rank order (rank 0's are the one-process seeds)
+                    seeds = [s for r in range(self.world_size) for s in self.direction_seeds(k, r)]
+                coefs = self.estimator.coefficients(scalars[:-1], diffs.blocks * (self.world_size if cfg.rank_directions else 1))
                 record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
                 self._zo_update(record, cache, feats, labels, loss0, counts)
 
@@ -237,6 +284,7 @@ class HybridStep:
                 self.fo_optimizer.zero_grad(set_to_none=True)
         except BaseException:
             self.estimator.undo()
+            self._restore_saved()
             if self.fo_optimizer is not None:
                 self.fo_optimizer.zero_grad(set_to_none=True)
             raise

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mozo.seeds import mix_seed
+
 
 @dataclass(frozen=True)
 class UnitInfo:
@@ -41,7 +43,7 @@ class NoiseControl:
         if self.seed is None:
             return None
         g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + uid * 7919 + stream * 104_729) % (2**63 - 1))
+        g.manual_seed(mix_seed(self.seed, uid, stream))
         return g
 
 

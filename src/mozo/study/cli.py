@@ -49,11 +49,11 @@ def control_overrides(preset: str, overrides: list[str], control: str) -> list[s
     from mozo.backbone.clip import load_backbone
     from mozo.engine.config import load_config
     from mozo.peft.inject import MozoCLIP
-    from mozo.zo.plan import frozen_control, plan_for_model
+    from mozo.zo.plan import frozen_control
 
     cfg = load_config(preset, overrides)  # the plan resolved on the model's own depths and units
     model = MozoCLIP(load_backbone(cfg.backbone), cfg.peft)
-    return [f"plan={frozen_control(plan_for_model(cfg.plan, model))}"]
+    return [f"plan={frozen_control(model.plan(cfg.plan))}"]
 
 
 def _run_dir(out: Path, plan: str, variant: str, seed: int) -> Path:

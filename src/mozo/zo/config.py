@@ -85,6 +85,10 @@ class ZOConfig:
     # tower forwards as the joint estimate, without the other tower's term in each tower's coefficient.
     per_tower: bool = False
     rank_directions: bool = False  # data-parallel: each rank its own q directions, q x N differences all-gathered
+    # Which parameters of each ZO unit are perturbed and updated, as comma-separated shell patterns of their names
+    # within the unit (MoE: w_gate (the router), w_noise, experts.N.down.*, experts.N.up.*): a smaller perturbed
+    # space raises the estimate's cosine with the gradient as 1/sqrt(d). The other parameters of a ZO unit stay put.
+    parts: str = "*"
     gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
     def __post_init__(self) -> None:
@@ -94,6 +98,8 @@ class ZOConfig:
         check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
         check_range("zo.q", self.q, 1, integer=True)
         check_range("zo.gain_every", self.gain_every, 0, integer=True)
+        if not isinstance(self.parts, str) or not all(p.strip() for p in self.parts.split(",")):
+            raise ValueError(f"zo.parts must be comma-separated parameter-name patterns, e.g. '*' or 'w_gate,*.up.*', got {self.parts!r}")
         check_range("zo.weight_decay", self.weight_decay, 0)
         for f in dataclasses.fields(self):  # one epsilon key per parameter group the step names (eps_<group>)
             if f.name.startswith("eps_"):

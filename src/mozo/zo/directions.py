@@ -10,15 +10,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-_MASK = 2**63 - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (deterministic, no Python hash randomisation)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & _MASK)) * 1099511628211) & _MASK
-    return h
+from mozo.seeds import mix_seed
 
 
 def direction(param: torch.Tensor, seed: int, index: int, distribution: str) -> torch.Tensor:

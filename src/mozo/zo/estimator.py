@@ -28,7 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mozo.zo.directions import mix_seed, perturb_
+from mozo.zo.directions import perturb_
+from mozo.seeds import mix_seed
 
 BLOCKS = ("joint", "group")
 

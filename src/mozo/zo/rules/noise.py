@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mozo.zo.directions import mix_seed
+from mozo.seeds import mix_seed
 from mozo.zo.rules.mozo import MoZO
 from mozo.zo.rules.sign import Sign
 
