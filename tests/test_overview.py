@@ -11,6 +11,8 @@ from mozo.zo.config import ZOConfig
     ("fo", {}), ("vision-zo", {}), ("dual-zo", {}), ("dual-zo", {"per_tower": True}),
     ("dual-zo", {"q": 2, "two_sided": True}), ("vision-zo", {"two_sided": True, "fo_at_perturbed": True}),
     ("language-zo", {"rule": "conservative"}), ("dual:hop-odd", {"q": 3, "per_tower": True, "two_sided": True}),
+    ("vision-zo", {"steps_per_batch": 3}), ("dual-zo", {"steps_per_batch": 2, "two_sided": True, "q": 2}),
+    ("vision-zo", {"steps_per_batch": 2, "rule": "conservative"}),
 ])
 def test_forwards_per_step_is_what_a_step_runs(make_model, batch, plan, zo):
     cfg = ZOConfig(**zo)

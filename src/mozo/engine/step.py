@@ -49,6 +49,7 @@ class StepStats:
     tower_forwards: dict = field(default_factory=dict)  # modality -> forwards of that tower
     layer_forwards: dict = field(default_factory=dict)  # modality -> encoder layers executed
     zo: Optional[ZORecord] = None
+    zo_extra: list = field(default_factory=list)  # zo.steps_per_batch > 1: the records of the further ZO updates
 
 
 def forwards_per_step(zo: ZOConfig, zo_towers: int) -> int:
@@ -59,8 +60,11 @@ def forwards_per_step(zo: ZOConfig, zo_towers: int) -> int:
     if not zo_towers:
         return 1
     groups = zo_towers if zo.per_tower else 1
-    perturbed = zo.q * groups * (2 if zo.two_sided else 1) - (1 if zo.fo_at_perturbed else 0)
-    return 1 + perturbed + get_rule(zo.rule).extra_forwards
+    perturbed = zo.q * groups * (2 if zo.two_sided else 1)
+    extra = get_rule(zo.rule).extra_forwards
+    # zo.steps_per_batch: each further ZO update re-estimates at its new point (one-sided: L there first)
+    further = (zo.steps_per_batch - 1) * (perturbed + (0 if zo.two_sided else 1) + extra)
+    return 1 + perturbed - (1 if zo.fo_at_perturbed else 0) + extra + further
 
 
 class HybridStep:
@@ -276,6 +280,7 @@ class HybridStep:
                 coefs = self.estimator.coefficients(scalars[:-1], diffs.blocks * (self.world_size if cfg.rank_directions else 1))
                 record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
                 self._zo_update(record, cache, feats, labels, loss0, counts)
+                extra_records = self._further_zo_steps(k, cache, feats, labels, counts)
 
             if self.fo_optimizer is not None:
                 if self.reduce_grads is not None:
@@ -292,7 +297,31 @@ class HybridStep:
             model.noise.seed = None
         self.step_index += 1
         return StepStats(loss_mean, counts["forward"], counts["backward"],
-                         {m: counts[f"tower:{m}"] for m in MODALITIES}, {m: counts[f"layers:{m}"] for m in MODALITIES}, record)
+                         {m: counts[f"tower:{m}"] for m in MODALITIES}, {m: counts[f"layers:{m}"] for m in MODALITIES}, record,
+                         extra_records if self.zo_towers else [])
+
+    @torch.no_grad()
+    def _further_zo_steps(self, k: int, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter) -> list[ZORecord]:
+        """zo.steps_per_batch - 1 more ZO updates on the same batch, forward-only: each a fresh estimate at the
+        point the previous update reached (new direction seeds), from the same prefix cache and the other
+        tower's cached features, with the step's noise seed. A non-finite loss (on any rank) ends them there,
+        keeping the updates already applied; FO parameters move only after all of them."""
+        records = []
+        evaluate = lambda names: self._zo_loss(cache, feats, labels, counts, names)  # noqa: E731
+        for j in range(1, self.zo.steps_per_batch):
+            seeds = [mix_seed(self.seed, k, "further", j, d + 1) for d in range(self.zo.q)]
+            self._nonfinite = None
+            loss_j = None if self.zo.two_sided else evaluate(self.zo_towers)
+            diffs = self.estimator.differences(seeds, evaluate, loss_j, self._check)
+            scalars = self.reduce_scalars(torch.stack([d.reshape(()) for d in diffs.diffs]).float())
+            if self._nonfinite is not None or not torch.isfinite(scalars).all():
+                break
+            record = ZORecord(k, seeds, self.estimator.coefficients(scalars, diffs.blocks), self.zo_lr, self.zo.update, self.zo.distribution)
+            at_theta = loss_j if loss_j is not None else (diffs.plus[0] + diffs.minus[0]) / 2  # two-sided: L(theta) to first order
+            self._zo_update(record, cache, feats, labels, at_theta, counts)
+            records.append(record)
+        self._nonfinite = None
+        return records
 
     @torch.no_grad()
     def _zo_update(self, record: ZORecord, cache: dict, feats: dict, labels: torch.Tensor, loss0: torch.Tensor, counts: Counter) -> None:

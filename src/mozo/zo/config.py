@@ -89,6 +89,9 @@ class ZOConfig:
     # within the unit (MoE: w_gate (the router), w_noise, experts.N.down.*, experts.N.up.*): a smaller perturbed
     # space raises the estimate's cosine with the gradient as 1/sqrt(d). The other parameters of a ZO unit stay put.
     parts: str = "*"
+    # ZO updates per batch: each further one a fresh estimate at the point the previous reached, forward-only
+    # (the prefix cache and the other tower's features reused): more ZO steps in a task's fixed number of batches.
+    steps_per_batch: int = 1
     gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
     def __post_init__(self) -> None:
@@ -98,6 +101,9 @@ class ZOConfig:
         check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
         check_range("zo.q", self.q, 1, integer=True)
         check_range("zo.gain_every", self.gain_every, 0, integer=True)
+        check_range("zo.steps_per_batch", self.steps_per_batch, 1, integer=True)
+        if self.steps_per_batch > 1 and self.rank_directions:
+            raise ValueError("zo.steps_per_batch > 1 is not implemented with zo.rank_directions; use one of them")
         if not isinstance(self.parts, str) or not all(p.strip() for p in self.parts.split(",")):
             raise ValueError(f"zo.parts must be comma-separated parameter-name patterns, e.g. '*' or 'w_gate,*.up.*', got {self.parts!r}")
         check_range("zo.weight_decay", self.weight_decay, 0)
