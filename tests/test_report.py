@@ -82,3 +82,15 @@ def test_cli_report_bad_run(tmp_path, runs, capsys):
     (tmp_path / "empty").mkdir()
     assert mozo_main(["report", str(runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) != 0
     assert "empty" in capsys.readouterr().err
+
+
+def test_zo_signal_columns_and_plot(tmp_path):
+    """A run's results.json zo_signal (engine/signal.py) becomes the report's ZO columns and zo_signal.png."""
+    run = fake_run(tmp_path / "runs" / "vz", "cil", "vision-zo", {"trainable_params": {"total": 1, "by_part": {}}})
+    data = json.loads((run / "results.json").read_text())
+    data["zo_signal"] = {"0": {"zo_to_fo_step_ratio": {"zo.vision": 0.02}, "mean_zo_gain": 3e-6, "mean_noise_gain": 1e-6},
+                         "1": {"zo_to_fo_step_ratio": {"zo.vision": 0.04}, "mean_zo_gain": None, "mean_noise_gain": None}}
+    (run / "results.json").write_text(json.dumps(data))
+    row = build_row(load_runs([run])[0])
+    assert row["zo_step_ratio"] == pytest.approx(0.03) and row["zo_gain_excess"] == pytest.approx(2e-6)
+    assert "zo_signal.png" in write_report([run], tmp_path / "rep")

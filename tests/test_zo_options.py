@@ -59,3 +59,46 @@ def test_parts_that_match_nothing_name_the_parameters(make_model):
         mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(parts="router"))
     with pytest.raises(ValueError, match="zo.steps_per_batch"):
         mozo.ZOConfig(steps_per_batch=0)
+
+
+@pytest.mark.parametrize("plan", ["fo", "vision-zo", "dual-zo"])
+def test_accumulated_step_equals_the_step_on_the_whole_batch(make_model, batch, plan):
+    """train.accumulate=k, noise off: the FO update and the ZO coefficients of k micro-batches equal the
+    unaccumulated step's on the concatenated batch. Tolerances: FO gradients 1e-4 relative (fp32 sums in another
+    order); ZO coefficients 5e-5 absolute: one fp32 ulp of a loss near 1.4 is 2.4e-7, which over eps=1e-2 is
+    2.4e-5 of a coefficient, and the micro-batch losses are rounded separately (a few ulps)."""
+    out = {}
+    for k in (1, 4):
+        model = make_model(dropout=0.0, noisy_gating=False)
+        randomize_units(model, std=0.1)
+        step = mozo.HybridStep(model, plan, mozo.ZOConfig(rule="sgd", lr=1e-3, q=2, eps_vision=1e-2, eps_language=1e-2),
+                               fo_lr=0.0, seed=3, accumulate=k)
+        grads = []
+        if step.fo_optimizer is not None:  # the FO gradients as the optimizer receives them
+            step.fo_optimizer.step = lambda: grads.extend(p.grad.clone() for p in step.fo_params if p.grad is not None)
+        stats = step(*batch)
+        out[k] = (stats, units(model), grads)
+    (s1, u1, g1), (s4, u4, g4) = out[1], out[4]
+    assert s4.loss == pytest.approx(s1.loss, rel=1e-6) and s4.forward_passes == 4 * s1.forward_passes
+    assert len(g1) == len(g4) and (len(g1) > 0) == bool(step.fo_params)  # w_noise gets no gradient with noise off
+    for a, b in zip(g4, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for name in u1:  # ZO units moved by sgd along the (nearly equal) coefficients
+        torch.testing.assert_close(u4[name], u1[name], rtol=0, atol=1e-6)
+    if s1.zo:
+        for m in s1.zo.coefs:
+            assert s4.zo.coefs[m] == pytest.approx(s1.zo.coefs[m], rel=0, abs=5e-5)
+            assert max(abs(c) for c in s1.zo.coefs[m]) > 1e-3  # the tolerance is far below the coefficients
+
+
+def test_accumulated_step_with_noise_runs_with_its_own_masks(make_model, batch):
+    """With dropout and router noise on, each micro-batch draws its own masks (the masks of a forward are drawn for
+    its own shape), so the accumulated step is a different sample from the unaccumulated one: finite, same seeds."""
+    a = mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(q=2), seed=3, accumulate=2)(*batch)
+    b = mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(q=2), seed=3)(*batch)
+    assert a.zo.seeds == b.zo.seeds and all(map(lambda c: c == c, a.zo.coefs["vision"]))
+
+
+def test_accumulate_refuses_what_it_does_not_implement(make_model):
+    with pytest.raises(ValueError, match="train.accumulate=2 is not implemented with zo.rule=conservative"):
+        mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(rule="conservative"), accumulate=2)

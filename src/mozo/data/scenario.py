@@ -129,10 +129,6 @@ class Scenario:
         return len(self.tasks)
 
     @property
-    def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    @property
     def task_test_sizes(self) -> list[int]:
         return [len(t.test) for t in self.tasks]
 

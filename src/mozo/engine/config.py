@@ -67,6 +67,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf (counted) instead of stopping
     max_nonfinite_fraction: float = 0.1  # with skip_nonfinite: stop when more of a task's steps than this were skipped
     precision: str = "fp32"  # fp32 | bf16 (autocast; PEFT units and ZO arithmetic stay fp32)
+    accumulate: int = 1  # micro-batches per step: FO gradients and ZO loss differences summed over them, one update
     label_smoothing: float = 0.0  # of the cross-entropy (the MTCL reference uses 0.2)
     # The FO learning rate of each task instead of `lr`: null (lr for every task), a list with one lr per task, or
     # under the mtcl protocols a mapping {dataset: lr} (datasets it does not name use lr). Fixed for a run (not
@@ -221,6 +222,7 @@ RANGES: dict[str, dict] = {
     "train.checkpoint_every": dict(low=0, integer=True),
     "train.max_nonfinite_fraction": dict(low=0, high=1),
     "train.label_smoothing": dict(low=0, high=1, open_high=True),
+    "train.accumulate": dict(low=1, integer=True),
     "method.distill_weight": dict(low=0),
     "method.temperature": dict(low=0, open_low=True),
     "data.few_shot": dict(low=1, integer=True, optional=True),

@@ -259,7 +259,7 @@ class Runner:
         step = HybridStep(self.model, self.plan, self.cfg.zo, fo_lr=self.task_lr(t), fo_weight_decay=self.cfg.train.weight_decay,
                           seed=mix_seed(self.cfg.seed, t), precision=self.cfg.train.precision, method=self.method,
                           reduce_scalars=self.dist.reduce_mean, reduce_grads=self.dist.reduce_grads, noise_rank=self.dist.rank,
-                          gather_scalars=self.dist.gather, world_size=self.dist.world_size)
+                          gather_scalars=self.dist.gather, world_size=self.dist.world_size, accumulate=self.cfg.train.accumulate)
         # mid-task: the step's own state; at a task's start, a fresh optimizer and the run's seed counter
         step.load_state_dict(self.state.step or {"step_index": self.state.zo_step})
         return step

@@ -75,8 +75,17 @@ class HybridStep:
                  precision: str = "fp32",
                  reduce_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reduce_grads: Callable[[list[torch.Tensor]], None] | None = None, noise_rank: int = 0,
-                 gather_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1):
+                 gather_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1,
+                 accumulate: int = 1):
         self.model = model
+        self.accumulate = accumulate  # micro-batches per step (train.accumulate)
+        cfg = zo or ZOConfig()
+        if accumulate > 1:
+            clash = [name for name, on in (("zo.fo_at_perturbed", cfg.fo_at_perturbed), ("zo.steps_per_batch > 1", cfg.steps_per_batch > 1),
+                                           ("zo.rank_directions", cfg.rank_directions),
+                                           (f"zo.rule={cfg.rule} (it re-evaluates the loss)", get_rule(cfg.rule).extra_forwards > 0)) if on]
+            if clash:
+                raise ValueError(f"train.accumulate={accumulate} is not implemented with {', '.join(clash)}; use train.accumulate=1")
         self.plan = model.plan(plan) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
         self.seed, self.precision = seed, precision
@@ -203,6 +212,60 @@ class HybridStep:
         if self._nonfinite is None and not torch.isfinite(loss).all():
             self._nonfinite = f"non-finite loss ({loss.item()}) at {where}"
 
+    def _micro_batches(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
+        """(images, labels, weight) per micro-batch: the whole batch with weight 1, or train.accumulate chunks."""
+        if self.accumulate == 1:
+            return [(pixel_values, labels, 1.0)]
+        n = len(labels)
+        return [(px, lb, len(lb) / n) for px, lb in zip(torch.tensor_split(pixel_values, self.accumulate),
+                                                         torch.tensor_split(labels, self.accumulate)) if len(lb)]
+
+    def _forward_and_differences(self, pixel_values, labels, text_inputs, seeds, weight: float, counts: Counter):
+        """One (micro-)batch: the method's constants, the forward at theta (FO backward of weight * loss), and
+        the ZO loss differences along `seeds`. Returns (L(theta), Differences or None, prefix cache, features)."""
+        model, cfg = self.model, self.zo
+        with torch.no_grad():  # the method's per-batch constants (a teacher's logits), counted as forwards
+            self._prepared = self.method.prepare(model, pixel_values, labels, text_inputs)
+        for m, n in self._prepared.tower_forwards.items():
+            counts[f"tower:{m}"] += n
+            counts[f"layers:{m}"] += n * model.num_layers(m)
+        if cfg.fo_at_perturbed and self.zo_towers:  # the FO forward runs at theta + eps z(seeds[0])
+            self.estimator.perturb(seeds[0], +1.0, self.zo_towers)
+        inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
+        feats, cache = {}, {}
+        with self._autocast():
+            # Towers without FO units first: their no-grad transients never sit on top of the
+            # activations an FO tower saves for backward (docs/benchmarks.md, optimisation 1).
+            for m in sorted(MODALITIES, key=lambda m: m in self.fo_towers):
+                if m == "language" and self.static_text and self._text_cache_hit(text_inputs):
+                    feats[m], cache[m] = self._text_cache[2], None
+                    continue
+                with contextlib.nullcontext() if m in self.fo_towers else torch.no_grad():
+                    feats[m], cache[m] = model.encode(m, inputs[m], capture_at=self.capture_at[m])
+                if m == "language" and self.static_text:
+                    self._text_cache = ({key: v.detach().clone() for key, v in text_inputs.items()},
+                                        tuple(p._version for p in self._text_params), feats[m].detach())
+                counts[f"tower:{m}"] += 1
+                counts[f"layers:{m}"] += model.num_layers(m)
+        loss0 = self._loss(feats, labels)
+        counts["forward"] += 1
+        self._check(loss0, "the first forward")
+        if self.fo_params:
+            (loss0 if weight == 1.0 else loss0 * weight).backward()
+            counts["backward"] += 1
+        feats = {m: f.detach() for m, f in feats.items()}
+        loss0 = loss0.detach()
+        # One loss difference per direction for all ZO towers together, or (zo.per_tower) one per direction
+        # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
+        diffs = None
+        if self.zo_towers:
+            diffs = self.estimator.differences(seeds, lambda names: self._zo_loss(cache, feats, labels, counts, names),
+                                               loss0, self._check)
+            if cfg.fo_at_perturbed:
+                loss0 = (diffs.plus[0] + diffs.minus[0]) / 2  # the loss at theta, to first order
+            self._restore_saved()  # zo.rank_directions: theta exactly, the same bits on every rank
+        return loss0, diffs, cache, feats
+
     # -- the step --------------------------------------------------------------------------------
     def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor, text_inputs: dict) -> StepStats:
         model, cfg = self.model, self.zo
@@ -212,51 +275,21 @@ class HybridStep:
         self._nonfinite = None
         seeds = self.direction_seeds(k)
         counts: Counter = Counter()
-        inputs = {"vision": {"pixel_values": pixel_values}, "language": text_inputs}
         try:
             model.noise.seed = noise_seed
-            with torch.no_grad():  # the method's per-batch constants (a teacher's logits), counted as forwards
-                self._prepared = self.method.prepare(model, pixel_values, labels, text_inputs)
-            for m, n in self._prepared.tower_forwards.items():
-                counts[f"tower:{m}"] += n
-                counts[f"layers:{m}"] += n * model.num_layers(m)
             if cfg.rank_directions and self.world_size > 1 and self.zo_towers:  # memory: one copy of the ZO units
                 self._saved = [p.detach().clone() for m in self.zo_towers for p in self.zo_params[m]]
-            if cfg.fo_at_perturbed and self.zo_towers:  # the FO forward runs at theta + eps z(seeds[0])
-                self.estimator.perturb(seeds[0], +1.0, self.zo_towers)
-            feats, cache = {}, {}
-            with self._autocast():
-                # Towers without FO units first: their no-grad transients never sit on top of the
-                # activations an FO tower saves for backward (docs/benchmarks.md, optimisation 1).
-                for m in sorted(MODALITIES, key=lambda m: m in self.fo_towers):
-                    if m == "language" and self.static_text and self._text_cache_hit(text_inputs):
-                        feats[m], cache[m] = self._text_cache[2], None
-                        continue
-                    with contextlib.nullcontext() if m in self.fo_towers else torch.no_grad():
-                        feats[m], cache[m] = model.encode(m, inputs[m], capture_at=self.capture_at[m])
-                    if m == "language" and self.static_text:
-                        self._text_cache = ({key: v.detach().clone() for key, v in text_inputs.items()},
-                                            tuple(p._version for p in self._text_params), feats[m].detach())
-                    counts[f"tower:{m}"] += 1
-                    counts[f"layers:{m}"] += model.num_layers(m)
-            loss0 = self._loss(feats, labels)
-            counts["forward"] += 1
-            self._check(loss0, "the first forward")
-            if self.fo_params:
-                loss0.backward()
-                counts["backward"] += 1
-            feats = {m: f.detach() for m, f in feats.items()}
-            loss0 = loss0.detach()
-
-            # One loss difference per direction for all ZO towers together, or (zo.per_tower) one per direction
-            # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
-            record, diffs = None, None
-            if self.zo_towers:
-                diffs = self.estimator.differences(seeds, lambda names: self._zo_loss(cache, feats, labels, counts, names),
-                                                   loss0, self._check)
-                if cfg.fo_at_perturbed:
-                    loss0 = (diffs.plus[0] + diffs.minus[0]) / 2  # the loss at theta, to first order
-                self._restore_saved()  # zo.rank_directions: theta exactly, the same bits on every rank
+            # train.accumulate: the batch in micro-batches, each weighted by its share of the images; FO gradients
+            # and ZO loss differences (the same directions) summed over them, then one update of each.
+            loss0, diffs = None, None
+            for px, lb, weight in self._micro_batches(pixel_values, labels):
+                loss_c, diffs_c, cache, feats = self._forward_and_differences(px, lb, text_inputs, seeds, weight, counts)
+                loss0 = loss_c if weight == 1.0 else (loss_c * weight if loss0 is None else loss0 + loss_c * weight)
+                if diffs_c is not None and weight != 1.0:
+                    scaled = [d * weight for d in diffs_c.diffs]
+                    diffs_c.diffs = scaled if diffs is None else [x + y for x, y in zip(diffs.diffs, scaled)]
+                diffs = diffs_c
+            record = None
             # One all-reduce for every scalar of the step: the loss differences and the loss. A non-finite
             # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
             # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must

@@ -34,7 +34,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
     (a ValueError) naming the run whose results.json is missing or invalid, before writing anything.
     """
     runs = load_runs(run_dirs)
-    from mozo.report.plots import plot_acc_matrix, plot_acc_per_step, plot_cost
+    from mozo.report.plots import plot_acc_matrix, plot_acc_per_step, plot_cost, plot_zo_signal
 
     out = Path(out_dir) if out_dir is not None else default_out_dir([r.run_dir for r in runs])
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
         paths[name] = plot_acc_matrix(run, out / name)
     paths["acc_per_step.png"] = plot_acc_per_step(runs, out / "acc_per_step.png")
     paths["cost.png"] = plot_cost(rows, out / "cost.png")
+    if any(r.get("zo_step_ratio") is not None or r.get("zo_gain_excess") is not None for r in rows):
+        paths["zo_signal.png"] = plot_zo_signal(rows, out / "zo_signal.png")
     return paths
 
 

@@ -114,3 +114,18 @@ def plot_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     time_ax.set_title("wall time")
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def plot_zo_signal(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Per run (rows as built by `build_row`): the ZO step size relative to FO's, and the held-out ZO gain minus
+    the gain of a random update of the same size (zo.gain_every runs; engine/signal.py). Runs without ZO units
+    have no bars."""
+    names = [_plain(r["run"]) for r in rows]
+    fig = figure(max(7.0, 1.2 * len(names) + 3), 4.0)
+    ratio_ax, gain_ax = fig.subplots(1, 2)
+    _bars(ratio_ax, names, [r.get("zo_step_ratio") for r in rows], "ZO step size / FO step size", 3)
+    _bars(gain_ax, names, [r.get("zo_gain_excess") for r in rows], "ZO gain - noise gain (loss)", 6)
+    ratio_ax.set_title("how far the ZO units move")
+    gain_ax.set_title("what the ZO move buys beyond noise")
+    fig.savefig(path, dpi=110)
+    return Path(path)
