@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import yaml
 
 from mozo.backbone.clip import BASE_WORDS
 from mozo.backbone.towers import MODALITIES
@@ -121,8 +122,15 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
         tower_forwards = {m: 1 for m in MODALITIES}
         layer_forwards = {m: model.num_layers(m) for m in MODALITIES}
     else:
-        zo = mozo.ZOConfig(rule=spec.zo_rule, q=spec.q, two_sided=spec.two_sided, fo_at_perturbed=spec.fo_at_perturbed)
-        step = mozo.HybridStep(model, plan_text, zo, seed=spec.seed, precision=spec.precision)
+        # A plan may carry ZO options after '@', as in `mozo study`: `vision-zo@zo.steps_per_batch=4@zo.parts=w_gate`.
+        base, *options = plan_text.split("@")
+        zo_options = {"rule": spec.zo_rule, "q": spec.q, "two_sided": spec.two_sided, "fo_at_perturbed": spec.fo_at_perturbed}
+        for option in options:
+            key, _, value = option.partition("=")
+            if not key.startswith("zo.") or not value:
+                raise ValueError(f"plan option {option!r}: expected zo.KEY=VALUE after '@'")
+            zo_options[key[3:]] = yaml.safe_load(value) if key[3:] != "parts" else value
+        step = mozo.HybridStep(model, base, mozo.ZOConfig(**zo_options), seed=spec.seed, precision=spec.precision)
         plan = step.plan
 
         def run() -> Any:
