@@ -102,3 +102,30 @@ def test_accumulated_step_with_noise_runs_with_its_own_masks(make_model, batch):
 def test_accumulate_refuses_what_it_does_not_implement(make_model):
     with pytest.raises(ValueError, match="train.accumulate=2 is not implemented with zo.rule=conservative"):
         mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(rule="conservative"), accumulate=2)
+
+
+def test_per_unit_coefficients_are_each_units_own_directional_derivative(make_model, batch):
+    """zo.per_unit (the paper's Eq. 2 per training unit): one two-sided difference per unit and direction, each
+    unit perturbed alone and its tower re-run from the input of its own layer; coefficient ~ <grad_u, z_u>."""
+    import torch.nn.functional as F
+
+    pixels, labels, text = batch
+    model = make_model(dropout=0.0, noisy_gating=False, layers=[2, 4])
+    randomize_units(model, std=0.1)
+    step = mozo.HybridStep(model, "vision-zo", mozo.ZOConfig(lr=0.0, two_sided=True, per_unit=True, eps_vision=1e-4), seed=5)
+    groups = {g: list(p for p in grp.params) for g, grp in step.estimator.groups.items()}
+    assert set(groups) == {"vision.2", "vision.4"}
+    model.train()
+    for ps in groups.values():
+        for p in ps:
+            p.requires_grad_(True)
+    loss = F.cross_entropy(model.logits(model.encode_images(pixels), model.encode_texts(text)), labels)
+    grads = {g: torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True) for g, ps in groups.items()}
+    stats = step(pixels, labels, text)
+    n = model.num_layers("vision")
+    assert stats.layer_forwards["vision"] == n + 2 * (n - 1) + 2 * (n - 3)  # theta, then +- from layers 2 and 4
+    for g, ps in groups.items():
+        seed = step.estimator.group_seed(stats.zo.seeds[0], g)
+        want = sum(float((gr * mozo.zo.directions.direction(p, seed, i, "gaussian")).sum())
+                   for i, (p, gr) in enumerate(zip(ps, grads[g])) if gr is not None)
+        assert abs(want) > 1e-3 and stats.zo.coefs[g][0] == pytest.approx(want, rel=5e-2)

@@ -39,14 +39,14 @@ def run_overview(runner) -> str:
     if zo_towers:
         z = cfg.zo
         lines.append(f"ZO        rule {z.rule}, lr {z.lr:g}, q {z.q}, {'two' if z.two_sided else 'one'}-sided, {z.distribution}, "
-                     + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + (", one estimate per tower" if z.per_tower else ""))
+                     + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + (", one estimate per tower" if z.per_tower else ", one estimate per unit" if z.per_unit else ""))
     if plan.has("fo"):
         lr = f"{cfg.train.lr:g}" if cfg.train.lr_per_task is None else "per task " + ", ".join(f"{runner.task_lr(t):g}" for t in range(len(runner.tasks)))
         lines.append(f"FO        AdamW lr {lr}, weight decay {cfg.train.weight_decay:g}, {cfg.train.schedule}, "
                      f"{cfg.train.warmup_iters} warm-up steps")
     lines += [
         f"steps     batch {cfg.train.batch_size}, {cfg.train.epochs} epoch(s); per task {', '.join(map(str, steps))} (total {sum(steps)})",
-        f"per step  {forwards_per_step(cfg.zo, len(zo_towers))} forward(s) of the loss, "
+        f"per step  {forwards_per_step(cfg.zo, len(zo_towers), len(plan.layers('vision', 'zo')) + len(plan.layers('language', 'zo')))} forward(s) of the loss, "
         f"{1 if plan.has('fo') else 0} backward; world size {runner.dist.world_size}",
         "loader    " + workers_summary(describe_workers(cfg.data.num_workers, runner.device, {t.name: t.train for t in runner.tasks},
                                                     cfg.train.batch_size, runner.backbone.image_size)),

@@ -52,14 +52,14 @@ class StepStats:
     zo_extra: list = field(default_factory=list)  # zo.steps_per_batch > 1: the records of the further ZO updates
 
 
-def forwards_per_step(zo: ZOConfig, zo_towers: int) -> int:
+def forwards_per_step(zo: ZOConfig, zo_towers: int, zo_units: int = 0) -> int:
     """Loss evaluations one step makes: the first forward, then per direction and ZO group one perturbed
     forward (two two-sided, the first of which is the first forward under zo.fo_at_perturbed), plus the two
     loss evaluations the rule's update makes (`Rule.extra_forwards`: two for conservative). Tested against
     `StepStats.forward_passes` of real steps."""
     if not zo_towers:
         return 1
-    groups = zo_towers if zo.per_tower else 1
+    groups = zo_towers if zo.per_tower else (zo_units if zo.per_unit else 1)
     perturbed = zo.q * groups * (2 if zo.two_sided else 1)
     extra = get_rule(zo.rule).extra_forwards
     # zo.steps_per_batch: each further ZO update re-estimates at its new point (one-sided: L there first)
@@ -119,12 +119,25 @@ class HybridStep:
                                  f"are named {', '.join(names)} (shell-style patterns, comma-separated)")
         self.zo_towers = [m for m in MODALITIES if self.zo_params[m]]
         self.fo_towers = [m for m in MODALITIES if self.plan.has("fo", m)]
-        # 0-based index of the lowest ZO layer per tower: perturbed forwards start there.
-        self.capture_at = {m: (min(u.info.layer for u in units["zo"] if u.info.modality == m) - 1 if m in self.zo_towers else None) for m in MODALITIES}
+        # 0-based index of the lowest ZO layer per tower: perturbed forwards start there. zo.per_unit: the input of
+        # every ZO unit's layer is cached (one hidden state per ZO layer), each unit's forwards start at its own.
+        zo_layers = {m: sorted({u.info.layer for u in units["zo"] if u.info.modality == m}) for m in self.zo_towers}
+        self.capture_at = {m: ([layer - 1 for layer in zo_layers[m]] if self.zo.per_unit else zo_layers[m][0] - 1)
+                           if m in self.zo_towers else None for m in MODALITIES}
         self.fo_optimizer = torch.optim.AdamW(self.fo_params, lr=fo_lr, weight_decay=fo_weight_decay) if self.fo_params else None
-        self.estimator = Estimator({m: Group(self.zo_params[m], self.zo.eps(m), TOWER_STREAMS[m]) for m in self.zo_towers},
-                                   self.zo.distribution, self.zo.two_sided, "group" if self.zo.per_tower else "joint")
-        self.rule = get_rule(self.zo.rule)({m: self.zo_params[m] for m in self.zo_towers}, lr=self.zo.lr, weight_decay=self.zo.weight_decay)
+        # The estimator's parameter groups: one per ZO tower, or (zo.per_unit) one per ZO unit, "<tower>.<layer>".
+        mine = {id(p) for ps in self.zo_params.values() for p in ps}
+        if self.zo.per_unit:
+            self.group_at = {f"{u.info.modality}.{u.info.layer}": (u.info.modality, u.info.layer) for u in units["zo"]}
+            group_params = {g: [p for p in self.model.unit(m, layer).parameters() if id(p) in mine] for g, (m, layer) in self.group_at.items()}
+            group_params = {g: ps for g, ps in group_params.items() if ps}
+            streams = {g: mix_seed(TOWER_STREAMS[m], layer) for g, (m, layer) in self.group_at.items()}
+        else:
+            self.group_at = {m: (m, None) for m in self.zo_towers}
+            group_params, streams = {m: self.zo_params[m] for m in self.zo_towers}, TOWER_STREAMS
+        self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
+                                   self.zo.distribution, self.zo.two_sided, "group" if self.zo.per_tower or self.zo.per_unit else "joint")
+        self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo.lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
         # reused while the prompts stay the same (docs/benchmarks.md, optimisation 2).
@@ -165,14 +178,17 @@ class HybridStep:
     def _loss(self, feats: dict, labels: torch.Tensor) -> torch.Tensor:
         return self.method.loss(self.model.logits(feats["vision"], feats["language"]).float(), labels, self._prepared)
 
-    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, towers) -> torch.Tensor:
-        """Loss with `towers` recomputed from their prefix cache, other towers' features reused."""
+    def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, groups) -> torch.Tensor:
+        """Loss with the towers of `groups` (tower names, or zo.per_unit unit groups) recomputed from their prefix
+        cache (a unit group's from its own layer), other towers' features reused."""
         f = dict(feats)
         with torch.no_grad(), self._autocast():
-            for m in towers:
-                f[m], _ = self.model.encode(m, start=cache[m])
+            for g in groups:
+                m, layer = self.group_at.get(g, (g, None))
+                start = cache[m] if not isinstance(cache[m], dict) else cache[m][(layer or min(l + 1 for l in cache[m])) - 1]
+                f[m], _ = self.model.encode(m, start=start)
                 counts[f"tower:{m}"] += 1
-                counts[f"layers:{m}"] += self.model.num_layers(m) - cache[m].layer
+                counts[f"layers:{m}"] += self.model.num_layers(m) - start.layer
             loss = self._loss(f, labels)
         counts["forward"] += 1
         return loss

@@ -69,21 +69,23 @@ class MozoCLIP(nn.Module):
 
     # -- forwards --------------------------------------------------------------------------------
     def encode(self, modality: str, inputs: dict | None = None, start: TowerInput | None = None,
-               capture_at: int | None = None) -> tuple[torch.Tensor, TowerInput | None]:
+               capture_at: int | list[int] | None = None) -> tuple[torch.Tensor, TowerInput | dict | None]:
         """Features of one tower, from raw inputs or from a cached `TowerInput` mid-encoder.
 
         `capture_at` (0-based layer) also returns the hidden state entering that layer, detached:
-        the prefix cache that lets perturbed forwards skip the layers below the lowest ZO unit.
+        the prefix cache that lets perturbed forwards skip the layers below the lowest ZO unit. A list of
+        layers returns {layer: TowerInput} (zo.per_unit: every ZO unit's forwards start at its own layer).
         """
         tower = self.towers[modality]
         x = start if start is not None else tower.embed(inputs)
-        captured = None
-        if capture_at is not None and capture_at > x.layer:
-            x = tower.run(x, capture_at, self._parallel[modality])
-        if capture_at is not None:
-            captured = TowerInput(x.hidden.detach(), x.mask, x.pool_index, x.layer)
+        layers = capture_at if isinstance(capture_at, list) else ([] if capture_at is None else [capture_at])
+        captured = {}
+        for layer in sorted(layers):
+            if layer > x.layer:
+                x = tower.run(x, layer, self._parallel[modality])
+            captured[layer] = TowerInput(x.hidden.detach(), x.mask, x.pool_index, x.layer)
         x = tower.run(x, tower.num_layers, self._parallel[modality])
-        return tower.head(x), captured
+        return tower.head(x), captured if isinstance(capture_at, list) else captured.get(capture_at)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encode("vision", {"pixel_values": pixel_values})[0]

@@ -84,6 +84,9 @@ class ZOConfig:
     # One loss difference per ZO tower (each tower perturbed alone, the other's features reused): the same
     # tower forwards as the joint estimate, without the other tower's term in each tower's coefficient.
     per_tower: bool = False
+    # One loss difference per ZO unit (the paper's Eq. 2 per training unit): each unit perturbed alone, its tower
+    # re-run from the cached input of its own layer. Forwards: one per unit and direction (partial towers).
+    per_unit: bool = False
     rank_directions: bool = False  # data-parallel: each rank its own q directions, q x N differences all-gathered
     # Which parameters of each ZO unit are perturbed and updated, as comma-separated shell patterns of their names
     # within the unit (MoE: w_gate (the router), w_noise, experts.N.down.*, experts.N.up.*): a smaller perturbed
@@ -112,8 +115,10 @@ class ZOConfig:
                 check_range(f"zo.{f.name}", getattr(self, f.name), 0, open_low=True, optional=True)
         if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
             raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
-        if self.fo_at_perturbed and self.per_tower:
-            raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower")
+        if self.per_tower and self.per_unit:
+            raise ValueError("zo.per_tower and zo.per_unit are two granularities of the estimate; choose one")
+        if self.fo_at_perturbed and (self.per_tower or self.per_unit):
+            raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower or zo.per_unit")
 
     @property
     def update(self) -> str:
