@@ -102,30 +102,27 @@ def _bars(ax, names: list[str], values: list[Optional[float]], ylabel: str, digi
     ax.margins(y=0.15)
 
 
+def _bar_pair(rows: Sequence[dict[str, Any]], path: str | Path, panels: Sequence[tuple[str, str, str, int]]) -> Path:
+    """Two bar charts side by side, one bar per run: each panel is (row key, y label, title, digits)."""
+    names = [_plain(r["run"]) for r in rows]
+    fig = figure(max(7.0, 1.2 * len(names) + 3), 4.0)
+    for ax, (key, ylabel, title, digits) in zip(fig.subplots(1, len(panels)), panels):
+        _bars(ax, names, [r.get(key) for r in rows], ylabel, digits)
+        ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One training step's live-tensor peak (MiB, worst task) and wall time (s) per run, side by side (rows as
     built by `build_row`). Not the process RSS: on a CPU it is the same for every plan."""
-    names = [_plain(r["run"]) for r in rows]
-    fig = figure(max(7.0, 1.2 * len(names) + 3), 4.0)
-    mem_ax, time_ax = fig.subplots(1, 2)
-    _bars(mem_ax, names, [r.get("step_peak_mib") for r in rows], "step peak, live tensors (MiB)", 0)
-    _bars(time_ax, names, [r.get("wall_time_s") for r in rows], "wall time (s)", 1)
-    mem_ax.set_title("one training step's peak above the model")
-    time_ax.set_title("wall time")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _bar_pair(rows, path, [("step_peak_mib", "step peak, live tensors (MiB)", "one training step's peak above the model", 0),
+                                  ("wall_time_s", "wall time (s)", "wall time", 1)])
 
 
 def plot_zo_signal(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Per run (rows as built by `build_row`): the ZO step size relative to FO's, and the held-out ZO gain minus
     the gain of a random update of the same size (zo.gain_every runs; engine/signal.py). Runs without ZO units
     have no bars."""
-    names = [_plain(r["run"]) for r in rows]
-    fig = figure(max(7.0, 1.2 * len(names) + 3), 4.0)
-    ratio_ax, gain_ax = fig.subplots(1, 2)
-    _bars(ratio_ax, names, [r.get("zo_step_ratio") for r in rows], "ZO step size / FO step size", 3)
-    _bars(gain_ax, names, [r.get("zo_gain_excess") for r in rows], "ZO gain - noise gain (loss)", 6)
-    ratio_ax.set_title("how far the ZO units move")
-    gain_ax.set_title("what the ZO move buys beyond noise")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _bar_pair(rows, path, [("zo_step_ratio", "ZO step size / FO step size", "how far the ZO units move", 3),
+                                  ("zo_gain_excess", "ZO gain - noise gain (loss)", "what the ZO move buys beyond noise", 6)])
