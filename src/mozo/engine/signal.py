@@ -47,9 +47,11 @@ class ZOSignal:
             return None
         before, self._before = self._before, None
         rms = self.step_rms.setdefault(str(task), {})
-        for k, ps in self.parts.items():
-            sq = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(ps, before[k]))
-            rms.setdefault(k, []).append(math.sqrt(sq / max(1, sum(p.numel() for p in ps))))
+        # one device-to-host transfer for all parts (a sync per tensor would stall a GPU run)
+        sq = torch.stack([torch.stack([(p.detach() - b).float().pow(2).sum() for p, b in zip(ps, before[k])]).sum()
+                          for k, ps in self.parts.items()]).tolist() if self.parts else []
+        for (k, ps), total in zip(self.parts.items(), sq):
+            rms.setdefault(k, []).append(math.sqrt(total / max(1, sum(p.numel() for p in ps))))
         zo_parts = [k for k in self.parts if k.startswith("zo.")]
         if not (self.gain_every and heldout is not None and zo_parts and step % self.gain_every == 0):
             return None
