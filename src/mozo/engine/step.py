@@ -11,9 +11,14 @@ One call does, for a batch (docs/method.md, The hybrid step):
    tower's cached features; restore. Noise (dropout, router) is re-seeded identically in every forward.
    With `zo.per_tower`, each ZO tower is perturbed and re-run alone (one loss difference per tower and
    direction): the same tower forwards, and no tower's coefficient carries the other tower's term.
+   With `zo.per_unit`, each ZO unit alone, its tower re-run from the cached input of its own layer.
    With `zo.rank_directions` (data parallel) each rank draws its own q directions and the ranks' loss
    differences are all-gathered: every rank applies one update over the q x N directions.
-3. Apply the FO optimizer and the ZO rule. FO parameters do not move before all ZO forwards are done,
+   The loss of every evaluation is the continual-learning method's (`mozo.methods`), the same function
+   in the FO forward and in each ZO forward. `train.accumulate=k` runs steps 1-2 on k micro-batches,
+   summing FO gradients and loss differences (same directions).
+3. Apply the ZO rule, then (`zo.steps_per_batch`) further forward-only ZO estimates and updates from
+   where the previous ended, then the FO optimizer. FO parameters do not move before all ZO forwards are done,
    so every loss of one estimate is evaluated at the same FO parameters.
 """
 from __future__ import annotations
