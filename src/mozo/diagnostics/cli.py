@@ -5,10 +5,12 @@ Examples:
     mozo diagnose --backbone mozo-tiny --data demo --rank 16 --warmup-steps 20 --json d.json --plots docs/img
     mozo diagnose --checkpoint runs/demo-fo --data demo --json d.json
     mozo diagnose --backbone vit-b-16 --batch 2 --directions 16 --eps 1e-3 --q 1,4,16 --json vitb.json
+    mozo diagnose --sharpness runs/demo-fo --radii 0.5,2,8 --directions 16 --power-iters 30 --json sharp.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from mozo.peft.registry import kind_names
 
-def _floats(text: str) -> list[float]:
+
+def parse_floats(text: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -28,7 +32,7 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
-def _ints(text: str) -> list[int]:
+def parse_ints(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -46,23 +50,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "save_pretrained folder (default: the checkpoint's run config, else tiny)")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR", help="load units from RUN_DIR/checkpoint/units.safetensors "
                    "(backbone and PEFT settings from RUN_DIR/config.json unless given)")
-    p.add_argument("--peft", default=None, choices=("moe", "lora", "adapter"), help="unit kind (default moe)")
-    p.add_argument("--rank", type=int, default=None, help="expert/adapter bottleneck width (default 64, the paper's)")
-    p.add_argument("--data", default="demo", choices=("demo", "random"), help="batch source: demo stream task 0 "
-                   "(falls back to random, and says so, when the demo stream is missing) or random images/prompts")
-    p.add_argument("--batch", type=int, default=4, help="images in the diagnostic batch")
-    p.add_argument("--eps", type=_floats, default=[1e-4, 1e-3, 1e-2], help="comma-separated epsilons")
-    p.add_argument("--q", type=_ints, default=[1, 4, 16], help="comma-separated numbers of averaged directions for the cosine")
-    p.add_argument("--directions", type=int, default=32, help="directions N per unit (cosine repeats = N // q)")
+    p.add_argument("--peft", default=None, choices=kind_names(), help="unit kind (default moe)")
+    p.add_argument("--rank", type=int, default=None, help="peft.<kind>.rank of the chosen kind: expert/adapter bottleneck width "
+                   "(default 64, the paper's) or LoRA rank (default 8)")
+    p.add_argument("--data", default=None, choices=("demo", "random", "run"), help="batch source: demo stream task 0 "
+                   "(it ships with mozo), random images/prompts, or "
+                   "run (--sharpness only): training images of a task of the run's own stream (default: demo; "
+                   "with --sharpness: run)")
+    p.add_argument("--batch", type=int, default=None, help="images in the diagnostic batch (default 4; with --sharpness: "
+                   "images per batch, default 64)")
+    p.add_argument("--eps", type=parse_floats, default=[1e-4, 1e-3, 1e-2], help="comma-separated epsilons")
+    p.add_argument("--q", type=parse_ints, default=[1, 4, 16], help="comma-separated numbers of averaged directions for the cosine")
+    p.add_argument("--directions", type=int, default=None, help="directions N per unit (cosine repeats = N // q; default 32); "
+                   "with --sharpness: random directions K per group (default 16)")
     p.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
     p.add_argument("--two-sided", action="store_true", help="central differences instead of the one-sided Eq. 2")
     p.add_argument("--block", default="unit", choices=("unit", "tower", "joint"), help="ZO block: one unit (the paper's), a whole "
                    "tower, or joint: all ZO units of --plan at once with per-tower epsilons and one loss difference, "
                    "exactly as the training step forms the estimate")
     p.add_argument("--plan", default="dual:hop-odd", help="--block joint: the plan whose ZO units are perturbed together")
-    p.add_argument("--eps-vision", type=_floats, default=None, help="--block joint: vision epsilons (default: --eps)")
-    p.add_argument("--eps-language", type=_floats, default=None, help="--block joint: language epsilons (default: --eps)")
-    p.add_argument("--layers", type=_ints, default=None, help="only these layers (both towers), e.g. 1,6,12")
+    p.add_argument("--eps-vision", type=parse_floats, default=None, help="--block joint: vision epsilons (default: --eps)")
+    p.add_argument("--eps-language", type=parse_floats, default=None, help="--block joint: language epsilons (default: --eps)")
+    p.add_argument("--layers", type=parse_ints, default=None, help="only these layers (both towers), e.g. 1,6,12")
     p.add_argument("--modalities", default="vision,language", help="towers to measure")
     p.add_argument("--warmup-steps", type=int, default=0, help="first-order steps (plan fo) on the batch source before measuring; "
                    "fresh MoE adapters have zero `up` weights, so at init every `down` gradient is exactly 0")
@@ -76,6 +85,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--from-json", default=None, metavar="REPORT", help="measure nothing: print and plot an existing report "
                    "(reference values recomputed with this version)")
+    s = p.add_argument_group("sharpness (--sharpness RUN_DIR; docs/diagnostics.md, `mozo diagnose --sharpness`)")
+    s.add_argument("--sharpness", default=None, metavar="RUN_DIR", help="measure the sharpness of a run's final units "
+                   "instead of the ZO estimator: loss increase under random perturbations and the top Hessian eigenvalue")
+    s.add_argument("--radii", type=parse_floats, default=[0.5, 2.0, 8.0], help="comma-separated perturbation radii (absolute "
+                   "Euclidean norms over the group's parameters unless --relative)")
+    s.add_argument("--relative", action="store_true", help="radii are fractions of the norm of the group's parameters")
+    s.add_argument("--one-sided", action="store_true", help="K draws +u_d only, instead of the antithetic pairs +-u_d "
+                   "(2K draws) whose mean cancels the gradient term")
+    s.add_argument("--groups", default="all,vision,language,fo,zo,frozen", help="unit groups to perturb: all, vision, "
+                   "language, and fo / zo / frozen as the run's plan trained them (absent groups are skipped)")
+    s.add_argument("--hessian-groups", default="fo,all", help="groups whose top Hessian eigenvalue is estimated ('' for none)")
+    s.add_argument("--power-iters", type=int, default=30, help="most Hessian-vector products of the power iteration")
+    s.add_argument("--power-tol", type=float, default=1e-3, help="stop when the eigenvalue's relative change is below this")
+    s.add_argument("--task", type=int, default=None, help="--data run: 1-based task whose training images form the loss "
+                   "(default: the run's last task, the objective its final units minimised)")
+    s.add_argument("--images", type=int, default=256, help="--data run/demo/random: images in the loss")
+    s.add_argument("--train-mode", action="store_true", help="measure the training-time function (dropout and router "
+                   "noise on, seeded identically in every evaluation) instead of eval mode")
 
 
 def build_model(args):
@@ -98,7 +125,11 @@ def build_model(args):
     if args.peft:
         peft.kind = args.peft
     if args.rank:
-        peft.rank = args.rank
+        section = peft.section()
+        if not hasattr(section, "rank"):
+            raise SystemExit(f"--rank: peft kind {peft.kind!r} has no rank (its keys: {', '.join(vars(section))})")
+        section.rank = args.rank
+        peft.validate()
     torch.manual_seed(args.seed)
     model = MozoCLIP(bb, peft)
     return model, bb, spec, run_cfg
@@ -128,7 +159,8 @@ def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
-def print_summary(report: dict, ref: int, out=sys.stdout) -> None:
+def print_summary(report: dict, ref: int, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (a default would keep the stdout of import time)
     eps = report["estimator"]["eps"][ref]
     qs = report["estimator"]["q"]
     print(f"\nbackbone {report['backbone']} | {report['state']['description']} | data: {report['data']['note']}", file=out)
@@ -162,6 +194,14 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sharpness:
+        return _main_sharpness(args)
+    if args.data == "run":
+        print("mozo diagnose: --data run needs --sharpness RUN_DIR", file=sys.stderr)
+        return 2
+    args.data = "demo" if args.data is None else args.data
+    args.batch = 4 if args.batch is None else args.batch
+    args.directions = 32 if args.directions is None else args.directions
     if args.from_json:
         report = refresh_reference_values(json.loads(Path(args.from_json).read_text()))
         print_summary(report, reference_index(report["estimator"]["eps"], args.ref_eps))
@@ -231,7 +271,7 @@ def main(args) -> int:
 def _header(model, spec: str, batch, args, state: dict) -> dict:
     return {
         "backbone": spec,
-        "peft": {"kind": model.peft.kind, "rank": model.peft.rank, "num_experts": model.peft.num_experts},
+        "peft": {"kind": model.peft.kind, **dataclasses.asdict(model.peft.section())},
         "trainable_params": model.trainable_parameter_counts(),
         "widths": {m: model.towers[m].width for m in ("vision", "language")},
         "data": {"source": batch.source, "requested": args.data, "note": batch.note, "batch": args.batch,
@@ -262,7 +302,8 @@ def _main_joint(args, model, spec, batch, state, progress, t0) -> int:
     return 0
 
 
-def print_joint(report: dict, out=sys.stdout) -> None:
+def print_joint(report: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (a default would keep the stdout of import time)
     qs = report["estimator"]["q"]
     towers = list(report["towers"])
     print(f"\nbackbone {report['backbone']} | {report['state']['description']} | plan {report['plan']} (joint estimate, as trained)", file=out)
@@ -278,4 +319,97 @@ def print_joint(report: dict, out=sys.stdout) -> None:
             line += (f"  | {'':4} {_fmt(e['sign_agreement'], '.2f'):>7}{_fmt(e['loss_diff']['fd_rel_error'], '.2g'):>8}"
                      + "".join(f"{_fmt(e['cosine'][str(q)]['mean'], '.3f'):>8}" for q in qs)
                      + f"{_fmt(e['sign_cosine'][str(qs[0])], '.3f'):>8}")
+        print(line, file=out)
+
+
+# ----------------------------------------------------------------------------------------- sharpness
+def _main_sharpness(args) -> int:
+    """`--sharpness RUN_DIR`: the sharpness of a run's final units (mozo.diagnostics.sharpness)."""
+    from mozo.diagnostics.measure import load_units, make_batches
+    from mozo.diagnostics.sharpness import measure_sharpness, run_task_batches, unit_groups
+    
+    def fail(msg: str) -> int:
+        print(f"mozo diagnose: {msg}", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    run_dir = Path(args.sharpness)
+    if not run_dir.is_dir():
+        return fail(f"--sharpness {run_dir}: no such run directory")
+    if not (run_dir / "config.json").is_file():
+        return fail(f"--sharpness {run_dir}: not a mozo run directory (no config.json); give the --out folder of `mozo run`")
+    if args.checkpoint and Path(args.checkpoint) != run_dir:
+        return fail("give either --sharpness RUN_DIR or --checkpoint, not both")
+    directions = 16 if args.directions is None else args.directions
+    batch_size = 64 if args.batch is None else args.batch
+    data = "run" if args.data is None else args.data
+    for flag, v in (("--directions", directions), ("--batch", batch_size), ("--images", args.images), ("--power-iters", args.power_iters)):
+        if v < 1:
+            return fail(f"{flag} must be >= 1, got {v}")
+    args.checkpoint = str(run_dir)
+    try:
+        model, bb, spec, run_cfg = build_model(args)
+        ck = load_units(model, run_dir)
+        plan = model.plan(run_cfg.plan)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        return fail(str(exc))
+    finished = (run_dir / "results.json").is_file()
+    if not finished:
+        print(f"mozo diagnose: {run_dir} has no results.json (unfinished run): measuring the units of its last checkpoint", file=sys.stderr)
+    try:
+        if data == "run":
+            batches, data_info = run_task_batches(run_cfg, run_dir, bb, args.task, args.images, batch_size, args.seed, args.device)
+        else:
+            batches = make_batches(data, bb, batch_size, math.ceil(args.images / batch_size), seed=args.seed, device=args.device)
+            data_info = {"note": batches[0].note}
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        return fail(str(exc))
+    all_groups = unit_groups(model, plan)
+    wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
+    hessian = [g.strip() for g in args.hessian_groups.split(",") if g.strip()]
+    unknown = sorted(set(wanted + hessian) - {"all", "vision", "language", "fo", "zo", "frozen"})
+    if unknown:
+        return fail(f"unknown group(s) {', '.join(unknown)}; choose from all, vision, language, fo, zo, frozen")
+    groups = {g: all_groups[g] for g in dict.fromkeys(wanted + hessian) if g in all_groups}
+    if not groups:
+        return fail(f"none of the groups {', '.join(wanted + hessian)} has units in this run (plan {run_cfg.plan})")
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    result = measure_sharpness(model, batches, args.radii, directions, groups, hessian, args.power_iters, args.power_tol,
+                               seed=args.seed, relative=args.relative, train_mode=args.train_mode,
+                               antithetic=not args.one_sided, perturb_groups=[g for g in wanted if g in groups], progress=progress)
+    report = {"run": str(run_dir), "checkpoint": str(ck), "finished": finished, "plan": run_cfg.plan, "backbone": spec,
+              "peft": {"kind": model.peft.kind, **dataclasses.asdict(model.peft.section())},
+              "data": {"source": data, "images": result["images"], "batch": batch_size, **data_info},
+              "loss_ulp": _fp32_ulp(result["loss"]), **result, "wall_time_s": time.perf_counter() - t0}
+    print_sharpness(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_sharpness(report: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (a default would keep the stdout of import time)
+    radii = report["radii"]
+    print(f"\nrun {report['run']} | plan {report['plan']} | {report['mode']} mode | loss {report['loss']:.4f} "
+          f"(fp32 ulp {report['loss_ulp']:.1e}) | {report['data']['note']}", file=out)
+    draws = f"+-u_d for {report['directions']} random unit directions u_d" if report["antithetic"] else f"{report['directions']} random unit directions u"
+    print(f"loss increase L(theta + rho u) - L(theta), u = {draws}, {report['radius_scale']} radii; "
+          f"curv = 2 mean / rho^2 (mean curvature tr(H)/P); lambda_max: power iteration on Hessian-vector products "
+          f"(iters! = not converged to --power-tol)", file=out)
+    head = f"{'group':<10}{'P':>8} {'|theta|':>8}" + "".join(f" {'r=' + format(r, 'g') + ' mean':>14} {'max':>9} {'curv':>9}" for r in radii) \
+        + f" {'lambda_max':>11} {'rel chg':>8} {'iters':>5}"
+    print(head, file=out)
+    for name, g in report["groups"].items():
+        line = f"{name:<10}{g['params']:>8} {g['param_norm']:>8.3g}"
+        for row in (g["perturbation"]["by_radius"] if "perturbation" in g else [None] * len(radii)):
+            line += f" {'-':>14} {'-':>9} {'-':>9}" if row is None else f" {row['mean']:>14.3g} {row['max']:>9.3g} {_fmt(row['curvature']):>9}"
+        h = g.get("hessian")
+        line += f" {_fmt(h and h['eigenvalue'], '.4g'):>11} {_fmt(h and h['rel_change'], '.1g'):>8} {(str(h['iterations']) + ('' if h['converged'] else '!') if h else '-'):>5}"
+        if "same_as" in g:
+            line += f"  (= {g['same_as']})"
         print(line, file=out)
