@@ -258,10 +258,7 @@ def main(args) -> int:
     report["wall_time_s"] = time.perf_counter() - t0
     ref = reference_index(args.eps, args.ref_eps)
     print_summary(report, ref)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    _write_json(args.json, report)
     if args.plots:
         for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
             print(f"wrote {p}")
@@ -295,10 +292,15 @@ def _main_joint(args, model, spec, batch, state, progress, t0) -> int:
                             "directions": args.directions, "eps_vision": ev, "eps_language": el, "q": args.q, "seed": args.seed},
               **result, "wall_time_s": time.perf_counter() - t0}
     print_joint(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    return _write_json(args.json, report)
+
+
+def _write_json(path: str | None, report: dict) -> int:
+    """--json: the report as JSON (folders made as needed); the command's exit status."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
     return 0
 
 
@@ -385,11 +387,7 @@ def _main_sharpness(args) -> int:
               "data": {"source": data, "images": result["images"], "batch": batch_size, **data_info},
               "loss_ulp": _fp32_ulp(result["loss"]), **result, "wall_time_s": time.perf_counter() - t0}
     print_sharpness(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
-    return 0
+    return _write_json(args.json, report)
 
 
 def print_sharpness(report: dict, out=None) -> None:
