@@ -49,4 +49,19 @@ def test_plans_with_layer_lists_are_not_split_at_their_commas():
     from mozo.study.cli import parse_plans
 
     assert parse_plans("vision:1,3,dual-zo@zo.rule=mozo") == [("vision:1,3", ["plan=vision:1,3"]),
-                                                              ("dual-zo", ["plan=dual-zo", "zo.rule=mozo"])]
+                                                              ("dual-zo@zo.rule=mozo", ["plan=dual-zo", "zo.rule=mozo"])]
+    # one plan under two options: two entries, two labels (and two run folders)
+    assert [label for label, _ in parse_plans("vision-zo@zo.q=2,vision-zo@zo.q=4")] == ["vision-zo@zo.q=2", "vision-zo@zo.q=4"]
+
+
+def test_signal_summary_pairs_zo_gain_with_noise_gain_by_seed():
+    from mozo.study.cli import signal_summary
+
+    per_seed = [{"0": {"zo_to_fo_step_ratio": {"zo.vision": r}, "mean_zo_gain": z, "mean_noise_gain": n},
+                 "1": {"zo_to_fo_step_ratio": {"zo.vision": r}, "mean_zo_gain": z, "mean_noise_gain": n}}
+                for r, z, n in [(0.1, 3.0, 1.0), (0.2, 4.0, 1.0), (0.3, 5.0, 2.0)]]
+    s = signal_summary(per_seed)
+    assert s["zo_to_fo_step_ratio"]["mean"] == pytest.approx(0.2)
+    assert s["gain_vs_noise"]["differences"] == pytest.approx([2.0, 3.0, 3.0])
+    assert s["gain_vs_noise"]["verdict"] == "higher"
+    assert signal_summary([{"0": {"zo_to_fo_step_ratio": {}, "mean_zo_gain": None, "mean_noise_gain": None}}]) == {}

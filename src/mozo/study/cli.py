@@ -34,11 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_plans(text: str) -> list[tuple[str, list[str]]]:
-    """Plans split at commas that do not continue a layer list (`vision:1,3,dual-zo` is two plans)."""
+    """(label, overrides) per plan, split at commas that do not continue a layer list (`vision:1,3,dual-zo` is two
+    plans). The label is the whole item, options included, so one plan under two options is two entries."""
     out = []
     for item in filter(None, (s.strip() for s in re.split(r",(?!\d)", text))):
         plan, *extra = item.split("@")
-        out.append((plan, [f"plan={plan}", *extra]))
+        out.append((item, [f"plan={plan}", *extra]))
     return out
 
 
@@ -57,7 +58,7 @@ def control_overrides(preset: str, overrides: list[str], control: str) -> list[s
 
 
 def _run_dir(out: Path, plan: str, variant: str, seed: int) -> Path:
-    return out / re.sub(r"[:+,=]", "_", plan) / variant / f"seed{seed}"
+    return out / re.sub(r"[:+,=@*]", "_", plan) / variant / f"seed{seed}"
 
 
 def run_one(preset: str, overrides: list[str], run_dir: Path, data_root) -> dict:
@@ -75,8 +76,9 @@ def run_one(preset: str, overrides: list[str], run_dir: Path, data_root) -> dict
     return run_experiment(cfg, run_dir, data_root=data_root, resume=resume, overwrite=not resume, progress=False)
 
 
-def summarize_study(results: dict, controls: list[str]) -> dict:
-    """results[plan][variant] = list of summaries (one per seed, same seed order in every variant)."""
+def summarize_study(results: dict, controls: list[str], signals: dict | None = None) -> dict:
+    """results[plan][variant] = list of summaries (one per seed, same seed order in every variant); signals[plan] =
+    the plan's per-seed results.json `zo_signal` (engine/signal.py), summarised when the runs measured it."""
     from mozo.study.stats import mean_ci, paired_difference
 
     table = {}
@@ -84,8 +86,32 @@ def summarize_study(results: dict, controls: list[str]) -> dict:
         row = {v: {m: mean_ci([s[m] for s in sums]) for m in METRICS} for v, sums in variants.items()}
         row["vs"] = {c: {m: paired_difference([s[m] for s in variants["zo"]], [s[m] for s in variants[c]]) for m in METRICS}
                      for c in controls}
+        signal = signal_summary((signals or {}).get(plan, []))
+        if signal:
+            row["signal"] = signal
         table[plan] = row
     return table
+
+
+def signal_summary(per_seed: list[dict]) -> dict:
+    """Over seeds: the ZO step size relative to FO's, and the held-out ZO gain against the noise gain of the same
+    runs (paired by seed; each seed's values are means over its tasks). Empty without zo.gain_every."""
+    from mozo.study.stats import mean_ci, paired_difference
+
+    def task_mean(signal: dict, key: str, per_tower: bool = False) -> float | None:
+        vals = [(t.get(key) or {}).values() if per_tower else [t.get(key)] for t in signal.values()]
+        vals = [v for vs in vals for v in vs if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    ratio = [task_mean(s, "zo_to_fo_step_ratio", per_tower=True) for s in per_seed]
+    zo, noise = [task_mean(s, "mean_zo_gain") for s in per_seed], [task_mean(s, "mean_noise_gain") for s in per_seed]
+    out = {}
+    if ratio and None not in ratio:
+        out["zo_to_fo_step_ratio"] = mean_ci(ratio)
+    if len(zo) >= 2 and None not in zo and None not in noise:
+        out["zo_gain"], out["noise_gain"] = mean_ci(zo), mean_ci(noise)
+        out["gain_vs_noise"] = paired_difference(zo, noise)
+    return out
 
 
 def _fmt(stat: dict) -> str:
@@ -100,6 +126,18 @@ def markdown(table: dict, controls: list[str], seeds: int) -> str:
     for plan, row in table.items():
         for v in ["zo", *controls]:
             lines.append(f"| {plan} | {v} | " + " | ".join(_fmt(row[v][m]) for m in METRICS) + " |")
+    signals = [(plan, row["signal"]) for plan, row in table.items() if row.get("signal")]
+    if signals:
+        lines += ["", "ZO signal of the plan's runs (zo.gain_every): ZO step size / FO step size, and held-out loss decrease "
+                  "of the ZO update minus that of a random update of the same size, paired by seed.", "",
+                  "| plan | ZO/FO step | ZO gain | noise gain | ZO - noise [95% CI] | p | reading |", "|---|---|---|---|---|---|---|"]
+        for plan, sig in signals:
+            r = sig.get("zo_to_fo_step_ratio")
+            g = sig.get("gain_vs_noise")
+            ratio = "-" if r is None else f"{r['mean']:.3g}"
+            lines.append(f"| {plan} | {ratio} | "
+                         + (f"{sig['zo_gain']['mean']:.2e} | {sig['noise_gain']['mean']:.2e} | {g['mean']:.2e} [{g['ci'][0]:.2e}, "
+                            f"{g['ci'][1]:.2e}] | {g['p']:.2g} | {g['verdict']} |" if g else "- | - | - | - | - |"))
     lines += ["", "Paired difference, plan minus control, seed by seed (Last): mean [95% CI], p, reading.", "",
               "| plan | control | Last diff | p | reading | Avg diff | Forgetting diff |", "|---|---|---|---|---|---|---|"]
     for plan, row in table.items():
@@ -157,6 +195,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     results: dict = {}
+    signals: dict = {}
     for plan, overrides in plans:
         results[plan] = {}
         for variant, extra in variants[plan]:
@@ -166,8 +205,10 @@ def main(args: argparse.Namespace) -> int:
                 print(f"mozo study: {plan} {variant} seed {seed} -> {run_dir}", flush=True)
                 res = run_one(args.preset, overrides + args.set + extra + [f"seed={seed}"], run_dir, args.data_root)
                 sums.append(res["summary"])
+                if variant == "zo" and res.get("zo_signal"):
+                    signals.setdefault(plan, []).append(res["zo_signal"])
             results[plan][variant] = sums
-    table = summarize_study(results, controls)
+    table = summarize_study(results, controls, signals)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({"preset": args.preset, "plans": args.plans, "seeds": args.seeds,
                                                 "controls": controls, "set": args.set, "table": table}, indent=1))
