@@ -57,6 +57,7 @@ class BenchSpec:
     two_sided: bool = False
     fo_at_perturbed: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    peft_settings: dict = field(default_factory=dict)  # keys of the kind's section, e.g. {"rank": 16} (the demo's units)
     extra: dict = field(default_factory=dict)
 
 
@@ -96,7 +97,7 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
     device = torch.device(spec.device)
     t0 = time.perf_counter()
     backbone = mozo.load_backbone(spec.backbone, device=device, seed=spec.seed)
-    model = mozo.MozoCLIP(backbone, mozo.PeftConfig(kind=spec.peft, towers=tuple(spec.towers)))
+    model = mozo.MozoCLIP(backbone, mozo.PeftConfig.of(spec.peft, towers=tuple(spec.towers), **spec.peft_settings))
     build_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -129,7 +130,13 @@ def measure_plan(spec: BenchSpec, plan_text: str) -> dict[str, Any]:
             key, _, value = option.partition("=")
             if not key.startswith("zo.") or not value:
                 raise ValueError(f"plan option {option!r}: expected zo.KEY=VALUE after '@'")
-            zo_options[key[3:]] = yaml.safe_load(value) if key[3:] != "parts" else value
+            parsed = yaml.safe_load(value) if key[3:] != "parts" else value
+            if isinstance(parsed, str) and key[3:] != "parts":  # YAML 1.1 reads 1e-3 as a string
+                try:
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
+            zo_options[key[3:]] = parsed
         step = mozo.HybridStep(model, base, mozo.ZOConfig(**zo_options), seed=spec.seed, precision=spec.precision)
         plan = step.plan
 

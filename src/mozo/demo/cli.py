@@ -58,7 +58,13 @@ def _bench_rows(plans: list[tuple[str, list[str]]], batch: int, classes: int) ->
     from mozo.bench.measure import BenchSpec
 
     plan_of = {name: next((o.split("=", 1)[1] for o in over if o.startswith("plan=")), "fo") for name, over in plans if name != "zero-shot"}
-    spec = BenchSpec(backbone="mozo-tiny", peft="moe", batch=batch, classes=classes, steps=3, warmup=1, threads=1)
+    import dataclasses
+
+    from mozo.engine.config import load_config
+
+    peft = load_config("demo").peft  # the demo's own units (their rank), not the bench's defaults
+    spec = BenchSpec(backbone="mozo-tiny", peft=peft.kind, batch=batch, classes=classes, steps=3, warmup=1, threads=1,
+                     peft_settings=dataclasses.asdict(peft.section()))
     rows, errors = run_bench(spec, sorted(set(plan_of.values())), log=lambda *_: None)
     if errors:
         raise RuntimeError("memory bench failed: " + "; ".join(errors))
