@@ -299,7 +299,8 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
         for line in path.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
             for m in re.finditer(r"mozo run ([a-z0-9-]+)([^`#]*)", line):
                 if m.group(1) in preset_names():
-                    overrides = [t for t in m.group(2).split() if "=" in t and t.split("=")[0] in keys]
+                    # a value holding a shell variable (`seed=$S` in a loop) is a template: its key is still checked
+                    overrides = [t for t in m.group(2).split() if "=" in t and t.split("=")[0] in keys and "$" not in t]
                     found.append((path.name, m.group(1), overrides))
     return found
 
