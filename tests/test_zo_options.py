@@ -102,6 +102,10 @@ def test_accumulated_step_with_noise_runs_with_its_own_masks(make_model, batch):
 def test_accumulate_refuses_what_it_does_not_implement(make_model):
     with pytest.raises(ValueError, match="train.accumulate=2 is not implemented with zo.rule=conservative"):
         mozo.HybridStep(make_model(), "vision-zo", mozo.ZOConfig(rule="conservative"), accumulate=2)
+    from mozo.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="not implemented with zo.steps_per_batch"):  # before anything loads
+        load_config("demo", ["train.accumulate=2", "zo.steps_per_batch=2"])
 
 
 def test_per_unit_coefficients_are_each_units_own_directional_derivative(make_model, batch):

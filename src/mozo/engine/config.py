@@ -316,6 +316,9 @@ def _revalidate(cfg: RunConfig) -> RunConfig:
             check_range(key, _get(cfg, key), **limits)
         parse_clauses(cfg.plan, cfg.peft.towers)  # layers beyond the model's depth: checked once it is loaded
         get_method(cfg.method.name)  # an unknown name lists the registered methods
+        from mozo.engine.step import check_accumulate
+
+        check_accumulate(cfg.train.accumulate, cfg.zo)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     for key, choices in CHOICES.items():

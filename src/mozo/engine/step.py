@@ -72,6 +72,17 @@ def forwards_per_step(zo: ZOConfig, zo_towers: int, zo_units: int = 0) -> int:
     return 1 + perturbed - (1 if zo.fo_at_perturbed else 0) + extra + further
 
 
+def check_accumulate(accumulate: int, zo: ZOConfig) -> None:
+    """train.accumulate > 1 sums micro-batches' FO gradients and loss differences; what needs more than that (a
+    forward at the perturbed point, re-evaluations, further or per-rank estimates) is refused, naming it."""
+    if accumulate > 1:
+        clash = [name for name, on in (("zo.fo_at_perturbed", zo.fo_at_perturbed), ("zo.steps_per_batch > 1", zo.steps_per_batch > 1),
+                                       ("zo.rank_directions", zo.rank_directions),
+                                       (f"zo.rule={zo.rule} (it re-evaluates the loss)", get_rule(zo.rule).extra_forwards > 0)) if on]
+        if clash:
+            raise ValueError(f"train.accumulate={accumulate} is not implemented with {', '.join(clash)}; use train.accumulate=1")
+
+
 class HybridStep:
     """A training step for one model and plan. Build once per task (the FO optimizer lives here)."""
 
@@ -84,13 +95,7 @@ class HybridStep:
                  accumulate: int = 1):
         self.model = model
         self.accumulate = accumulate  # micro-batches per step (train.accumulate)
-        cfg = zo or ZOConfig()
-        if accumulate > 1:
-            clash = [name for name, on in (("zo.fo_at_perturbed", cfg.fo_at_perturbed), ("zo.steps_per_batch > 1", cfg.steps_per_batch > 1),
-                                           ("zo.rank_directions", cfg.rank_directions),
-                                           (f"zo.rule={cfg.rule} (it re-evaluates the loss)", get_rule(cfg.rule).extra_forwards > 0)) if on]
-            if clash:
-                raise ValueError(f"train.accumulate={accumulate} is not implemented with {', '.join(clash)}; use train.accumulate=1")
+        check_accumulate(accumulate, zo or ZOConfig())
         self.plan = model.plan(plan) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
         self.seed, self.precision = seed, precision
