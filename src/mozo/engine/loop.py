@@ -156,8 +156,7 @@ class Runner:
             log = self.cfg.log
             self._log_file = RunLog(self.out, self.dist.is_main, to_dict(self.cfg), tensorboard=log.tensorboard,
                                     wandb=log.wandb, wandb_project=log.wandb_project)
-        steps = self.state.steps if hasattr(self.state, "steps") else self.state.steps  # global training steps so far
-        self._log_file.write(event, fields, steps)
+        self._log_file.write(event, fields, self.state.steps)  # against the run's global training steps
 
     def save(self, step: HybridStep | None) -> None:
         if step is not None:
@@ -226,8 +225,7 @@ class Runner:
                                  f"continue (evaluation only) with: mozo run --resume {self.out}", self._interrupt.exit_code)
         images = self.tasks[task_index].test
         if self.cfg.eval_max_samples and len(images) > self.cfg.eval_max_samples:
-            pick = np.random.default_rng(mix_seed(self.cfg.seed, task_index) % 2**32).permutation(len(images))
-            images = images.subset(np.sort(pick[: self.cfg.eval_max_samples]))
+            images = seeded_subset(images, self.cfg.eval_max_samples, self.cfg.seed, task_index)
         self.model.eval()
         text = self.text_features(classnames)
         ds = TransformedDataset(images, self._eval_transform(), seed=self.cfg.seed, skip_corrupt=self.cfg.data.skip_corrupt)
@@ -364,8 +362,7 @@ class Runner:
         """Task t's held-out batch for the ZO gain (engine/signal.py): a seeded choice of up to one training
         batch of its test images, evaluation transform; never trained on."""
         images = self.tasks[t].test
-        pick = np.random.default_rng(mix_seed(self.cfg.seed, t, 7) % 2**32).permutation(len(images))[: self.cfg.train.batch_size]
-        ds = TransformedDataset(images.subset(np.sort(pick)), self._eval_transform(), seed=self.cfg.seed,
+        ds = TransformedDataset(seeded_subset(images, self.cfg.train.batch_size, self.cfg.seed, t, 7), self._eval_transform(), seed=self.cfg.seed,
                                 label_map={lab: lab - self.tasks[t].label_offset for lab in self.tasks[t].labels})
         items = [ds[i] for i in range(len(ds))]
         return (torch.stack([x for x, _ in items]).to(self.device), torch.tensor([y for _, y in items], device=self.device), text_inputs)
@@ -471,6 +468,12 @@ class Runner:
         return {"comm_bytes_per_step": sum(per_step.values()) if self.dist.active else 0.0,
                 "comm_payload_bytes_per_step": per_step, "comm_eval_bytes": delta.get("eval", 0),
                 "comm_backend": self.dist.backend}
+
+
+def seeded_subset(images, n: int, *key: int):
+    """Up to n of `images`, a seeded choice (a function of `key` alone), in their original order."""
+    pick = np.random.default_rng(mix_seed(*key) % 2**32).permutation(len(images))
+    return images.subset(np.sort(pick[:n]))
 
 
 def _device(spec: str) -> torch.device:

@@ -33,6 +33,8 @@ class ZOSignal:
             if mode != "frozen":
                 key = "fo" if mode == "fo" else f"zo.{u.info.modality}"
                 self.parts.setdefault(key, []).extend(u.parameters())
+        if not any(k.startswith("zo.") for k in self.parts):  # nothing zeroth-order to measure: no copy per step
+            self.parts = {}
         self.step_rms: dict[str, dict[str, list[float]]] = {}  # task -> part -> per-step RMS change
         self.gains: dict[str, list[dict]] = {}  # task -> measurements
         self._before: Optional[dict[str, list[torch.Tensor]]] = None

@@ -94,10 +94,10 @@ class HybridStep:
                  gather_scalars: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1,
                  accumulate: int = 1):
         self.model = model
-        self.accumulate = accumulate  # micro-batches per step (train.accumulate)
-        check_accumulate(accumulate, zo or ZOConfig())
         self.plan = model.plan(plan) if isinstance(plan, str) else plan
         self.zo = zo or ZOConfig()
+        self.accumulate = accumulate  # micro-batches per step (train.accumulate)
+        check_accumulate(accumulate, self.zo)
         self.seed, self.precision = seed, precision
         self.method = method or Baseline(MethodConfig())  # its loss is the loss of every evaluation of the step
         self._prepared = Prepared()
@@ -195,7 +195,8 @@ class HybridStep:
         with torch.no_grad(), self._autocast():
             for g in groups:
                 m, layer = self.group_at.get(g, (g, None))
-                start = cache[m] if not isinstance(cache[m], dict) else cache[m][(layer or min(l + 1 for l in cache[m])) - 1]
+                # zo.per_unit caches one hidden state per ZO layer: a unit starts at its own, a whole tower at the lowest
+                start = cache[m] if not isinstance(cache[m], dict) else cache[m][layer - 1 if layer else min(cache[m])]
                 f[m], _ = self.model.encode(m, start=start)
                 counts[f"tower:{m}"] += 1
                 counts[f"layers:{m}"] += self.model.num_layers(m) - start.layer
@@ -315,7 +316,7 @@ class HybridStep:
                     scaled = [d * weight for d in diffs_c.diffs]
                     diffs_c.diffs = scaled if diffs is None else [x + y for x, y in zip(diffs.diffs, scaled)]
                 diffs = diffs_c
-            record = None
+            record, extra_records = None, []
             # One all-reduce for every scalar of the step: the loss differences and the loss. A non-finite
             # value on any rank is non-finite on all of them after it, so all ranks raise here together, before
             # any update. (A rank whose L(theta) failed still ran the perturbed forwards: every rank must
@@ -357,7 +358,7 @@ class HybridStep:
         self.step_index += 1
         return StepStats(loss_mean, counts["forward"], counts["backward"],
                          {m: counts[f"tower:{m}"] for m in MODALITIES}, {m: counts[f"layers:{m}"] for m in MODALITIES}, record,
-                         extra_records if self.zo_towers else [])
+                         extra_records)
 
     @torch.no_grad()
     def _further_zo_steps(self, k: int, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter) -> list[ZORecord]:
