@@ -171,12 +171,29 @@ def _all_equal(tensors: list[torch.Tensor]) -> bool:
     return all(torch.equal(out[0], o) for o in out[1:])
 
 
+
+def _poison(step, on: bool) -> dict:
+    """Make the step's loss NaN while the returned flag's "on" is true (the caller turns it off)."""
+    real, flag = step._loss, {"on": on}
+    step._loss = lambda f, y: real(f, y) * float("nan") if flag["on"] else real(f, y)
+    return flag
+
+
+def _raised(step, pixels, labels, text):
+    """The NonFiniteLossError message the step raised, or False."""
+    from mozo.engine.step import NonFiniteLossError
+
+    try:
+        step(pixels, labels, text)
+        return False
+    except NonFiniteLossError as exc:
+        return str(exc)
+
 def _worker(out: Path, data_root: Path) -> None:
     from mozo.cli import main as cli
     from mozo.engine.config import load_config
     from mozo.engine.distributed import init_distributed
     from mozo.engine.loop import RunInterrupted, run_experiment
-    from mozo.engine.step import NonFiniteLossError
 
     t0 = time.perf_counter()
     ctx = init_distributed("auto", "cpu")
@@ -238,16 +255,10 @@ def _worker(out: Path, data_root: Path) -> None:
     # nothing moves, and the next step runs in lockstep again.
     bb, model = _model()
     step = _step(model, "vision-zo", ctx)
-    real = step._loss
-    poisoned = {"on": r == 1}
-    step._loss = lambda f, y: real(f, y) * float("nan") if poisoned["on"] else real(f, y)
+    poisoned = _poison(step, r == 1)
     pixels, labels, text = next(_batches(bb))
     start = _units(model)
-    try:
-        step(pixels[lo:hi], labels[lo:hi], text)
-        rep["nan_raised"] = False
-    except NonFiniteLossError as exc:
-        rep["nan_raised"] = str(exc)
+    rep["nan_raised"] = _raised(step, pixels[lo:hi], labels[lo:hi], text)
     # ZO units were perturbed and restored in place (theta + eps z - eps z: rounding), alike on every rank
     rep["nan_equal"] = _all_equal(list(model.units.parameters()))
     rep["nan_moved"] = max(float((v - _units(model)[k]).abs().max()) for k, v in start.items())
@@ -271,15 +282,9 @@ def _worker(out: Path, data_root: Path) -> None:
     bb, model = _model()
     step = _step(model, "vision-zo/rank-directions", ctx)
     step.noise_rank = r
-    real_rd = step._loss
-    poisoned["on"] = r == 1
-    step._loss = lambda f, y: real_rd(f, y) * float("nan") if poisoned["on"] else real_rd(f, y)
+    poisoned = _poison(step, r == 1)
     start = _units(model)
-    try:
-        step(pixels[lo:hi], labels[lo:hi], text)
-        rep["rd_nan_raised"] = False
-    except NonFiniteLossError as exc:
-        rep["rd_nan_raised"] = str(exc)
+    rep["rd_nan_raised"] = _raised(step, pixels[lo:hi], labels[lo:hi], text)
     rep["rd_nan_equal"] = _all_equal(list(model.units.parameters()))
     rep["rd_nan_unchanged"] = all(torch.equal(v, _units(model)[k]) for k, v in start.items())
     poisoned["on"] = False
