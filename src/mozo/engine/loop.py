@@ -84,7 +84,7 @@ class _Interrupt:
 
 # Keys `mozo run --resume DIR key=value` may change: they steer how the rest of the run is computed, not what
 # was computed so far. The change is recorded in config.json and in the `resumed` event.
-RESUME_OVERRIDES = ("train.lr", "zo.lr", "train.checkpoint_every", "train.skip_nonfinite", "train.max_nonfinite_fraction",
+RESUME_OVERRIDES = ("train.lr", "zo.lr", "zo.lr_relative", "train.checkpoint_every", "train.skip_nonfinite", "train.max_nonfinite_fraction",
                     "data.eval_batch_size", "data.num_workers", "device", "distributed_timeout_s",
                     "log.tensorboard", "log.wandb", "log.wandb_project")
 
@@ -175,9 +175,11 @@ class Runner:
     def _nonfinite_advice(self, what: str) -> str:
         """What happened, what is kept, and the command that continues with a smaller learning rate."""
         kept = find_checkpoint(self.out)
-        lrs = f"train.lr={self.cfg.train.lr / 10:g}" + (f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") else "")
+        # zo.lr_relative follows the FO learning rate, so lowering that lowers both
+        zo_lr = f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") and self.cfg.zo.lr_relative is None else ""
+        lrs = f"train.lr={self.cfg.train.lr / 10:g}" + zo_lr
         if self.cfg.train.lr_per_task is not None:  # fixed for a run: a resume cannot lower it
-            lrs = "train.lr_per_task=<a tenth of each>" + (f" zo.lr={self.cfg.zo.lr / 10:g}" if self.plan.has("zo") else "")
+            lrs = "train.lr_per_task=<a tenth of each>" + zo_lr
             return (f"{what}. train.lr_per_task is part of the run's fixed configuration, so a resume cannot lower it; "
                     f"start again with smaller learning rates, e.g. `mozo run ... {lrs} --out {self.out} --overwrite`, "
                     f"or set train.skip_nonfinite=true")
@@ -301,7 +303,7 @@ class Runner:
                     break
                 self._count_skipped("train", t, skipped)
                 factor = lr_factor(done, total, cfg.train.warmup_iters, cfg.train.schedule)
-                step.set_lr(fo_lr * factor, cfg.zo.lr * factor)
+                step.set_lr(fo_lr * factor, cfg.zo.learning_rate(fo_lr) * factor)
                 profiled = done == min(1, total - 1)  # once per task, after the optimizer state exists, as mozo bench does
                 if not profiled:
                     self.signal.before_step()

@@ -113,7 +113,7 @@ class HybridStep:
             raise ValueError("zo.rank_directions with world_size > 1 needs gather_scalars (DistContext.gather)")
         self._saved: Optional[list[torch.Tensor]] = None  # zo.rank_directions, world_size > 1: ZO units before perturbing
         self._nonfinite: Optional[str] = None
-        self.zo_lr = self.zo.lr
+        self.zo_lr = self.zo.learning_rate(fo_lr)
 
         units = {mode: [u for u in model.unit_list() if self.plan.mode(u.info.modality, u.info.layer) == mode] for mode in ("fo", "zo", "frozen")}
         for u in model.unit_list():
@@ -147,7 +147,7 @@ class HybridStep:
             group_params, streams = {m: self.zo_params[m] for m in self.zo_towers}, TOWER_STREAMS
         self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
                                    self.zo.distribution, self.zo.two_sided, "group" if self.zo.per_tower or self.zo.per_unit else "joint")
-        self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo.lr, weight_decay=self.zo.weight_decay)
+        self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo_lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
         # reused while the prompts stay the same (docs/benchmarks.md, optimisation 2).
@@ -222,6 +222,11 @@ class HybridStep:
         this rank), a function of (seed, step, direction, rank) where rank 0 keeps the one-process seeds."""
         r = (self.noise_rank if rank is None else rank) if self.zo.rank_directions else 0
         return [mix_seed(self.seed, k, d + 1) if r == 0 else mix_seed(self.seed, k, d + 1, r) for d in range(self.zo.q)]
+
+    def law(self, k: int):
+        """The directions' law of step k: dense, or (zo.subspace_rank) the subspace of k's window of
+        zo.subspace_every steps, the same on every rank."""
+        return self.zo.law(mix_seed(self.seed, "subspace", k // self.zo.subspace_every))
 
     def _restore_saved(self) -> None:
         """zo.rank_directions on N > 1 ranks: put the ZO units back to the bits saved before this rank's perturbations.
@@ -301,6 +306,7 @@ class HybridStep:
         noise_seed = self.noise_seed(k)
         self._nonfinite = None
         seeds = self.direction_seeds(k)
+        self.estimator.law = self.law(k)
         counts: Counter = Counter()
         try:
             model.noise.seed = noise_seed
@@ -338,7 +344,7 @@ class HybridStep:
                 if cfg.rank_directions:  # all ranks' directions, in rank order (rank 0's are the one-process seeds)
                     seeds = [s for r in range(self.world_size) for s in self.direction_seeds(k, r)]
                 coefs = self.estimator.coefficients(scalars[:-1], diffs.blocks * (self.world_size if cfg.rank_directions else 1))
-                record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, cfg.distribution)
+                record = ZORecord(k, seeds, coefs, self.zo_lr, cfg.update, self.estimator.law)
                 self._zo_update(record, cache, feats, labels, loss0, counts)
                 extra_records = self._further_zo_steps(k, cache, feats, labels, counts)
 
@@ -376,7 +382,7 @@ class HybridStep:
             scalars = self.reduce_scalars(torch.stack([d.reshape(()) for d in diffs.diffs]).float())
             if self._nonfinite is not None or not torch.isfinite(scalars).all():
                 break
-            record = ZORecord(k, seeds, self.estimator.coefficients(scalars, diffs.blocks), self.zo_lr, self.zo.update, self.zo.distribution)
+            record = ZORecord(k, seeds, self.estimator.coefficients(scalars, diffs.blocks), self.zo_lr, self.zo.update, self.estimator.law)
             at_theta = loss_j if loss_j is not None else (diffs.plus[0] + diffs.minus[0]) / 2  # two-sided: L(theta) to first order
             self._zo_update(record, cache, feats, labels, at_theta, counts)
             records.append(record)

@@ -7,9 +7,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mozo.zo.directions import DISTRIBUTIONS, Law, LawLike
 from mozo.zo.rules import RULES, get_rule
-
-DISTRIBUTIONS = ("gaussian", "rademacher")
 DEFAULT_EPS = 1e-3  # the paper's epsilon; a rule may set its own per group (MoZO: mozo/zo/rules/mozo.py)
 
 
@@ -74,6 +73,9 @@ class ZOConfig:
 
     rule: str = "sgd"
     lr: float = 1e-4
+    # The ZO learning rate as a multiple of the FO one at every step (its per-task value and schedule included);
+    # when set it replaces zo.lr (a preset's zo.lr included). For sign rules 1.0 means the per-element step AdamW takes early on (|m / sqrt(v)| ~ 1).
+    lr_relative: Optional[float] = None
     q: int = 1
     two_sided: bool = False
     distribution: str = "gaussian"
@@ -95,6 +97,11 @@ class ZOConfig:
     # ZO updates per batch: each further one a fresh estimate at the point the previous reached, forward-only
     # (the prefix cache and the other tower's features reused): more ZO steps in a task's fixed number of batches.
     steps_per_batch: int = 1
+    # Low-rank directions (LOZO / SubZero, zo/directions.py): matrices perturbed along U V^T / sqrt(r) with V fixed
+    # for subspace_every steps, so the steps of a window estimate the gradient within one rows x r space per matrix.
+    # 0: dense directions (the paper's).
+    subspace_rank: int = 0
+    subspace_every: int = 50
     gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
     def __post_init__(self) -> None:
@@ -102,6 +109,9 @@ class ZOConfig:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"zo.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         check_range("zo.lr", self.lr, 0)  # 0: the documented 'frozen' control
+        check_range("zo.lr_relative", self.lr_relative, 0, optional=True)
+        check_range("zo.subspace_rank", self.subspace_rank, 0, integer=True)
+        check_range("zo.subspace_every", self.subspace_every, 1, integer=True)
         check_range("zo.q", self.q, 1, integer=True)
         check_range("zo.gain_every", self.gain_every, 0, integer=True)
         check_range("zo.steps_per_batch", self.steps_per_batch, 1, integer=True)
@@ -119,6 +129,14 @@ class ZOConfig:
             raise ValueError("zo.per_tower and zo.per_unit are two granularities of the estimate; choose one")
         if self.fo_at_perturbed and (self.per_tower or self.per_unit):
             raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower or zo.per_unit")
+
+    def learning_rate(self, fo_lr: float) -> float:
+        """The ZO learning rate at a step whose FO learning rate is `fo_lr` (zo.lr, or zo.lr_relative x fo_lr)."""
+        return self.lr if self.lr_relative is None else self.lr_relative * fo_lr
+
+    def law(self, basis: int) -> LawLike:
+        """The directions' law of a step whose subspace seed is `basis` (unused for dense directions)."""
+        return Law(self.distribution, self.subspace_rank, basis) if self.subspace_rank else self.distribution
 
     @property
     def update(self) -> str:

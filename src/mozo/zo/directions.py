@@ -3,37 +3,80 @@
 Each parameter tensor draws its direction from its own generator seeded by (direction seed, index),
 so any subset of units can be perturbed or updated independently and a trajectory of
 (seed, coefficients, lr) replays exactly.
+
+A direction's law is a distribution name ("gaussian", "rademacher": i.i.d. entries) or a `Law`, which can
+also confine the directions of matrices to a random low-rank subspace (LOZO, Chen et al. 2024; SubZero,
+Yu et al. 2024): z = U V^T / sqrt(r) for a (rows x cols) weight, U (rows x r) fresh from the direction seed
+and V (cols x r) from the law's `basis` seed, which the training step redraws every `zo.subspace_every`
+steps. Every entry of z still has variance 1, so an epsilon means the same perturbation size; what changes
+is that all the directions drawn under one basis lie in the same rows x r dimensional space per matrix.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Union
 
 import torch
 
 from mozo.seeds import mix_seed
 
+DISTRIBUTIONS = ("gaussian", "rademacher")
 
-def direction(param: torch.Tensor, seed: int, index: int, distribution: str) -> torch.Tensor:
-    """The fp32 direction of `param` for `seed` (same seed and index -> same tensor, on any call)."""
-    g = torch.Generator(device=param.device)
-    g.manual_seed(mix_seed(seed, index))
+
+@dataclass(frozen=True)
+class Law:
+    """How the direction of each parameter is drawn from a direction seed.
+
+    rank 0: i.i.d. entries of `distribution`. rank r > 0: a 2-D parameter whose sides both exceed r gets
+    U V^T / sqrt(r) (U and V with i.i.d. entries of `distribution`; V from `basis`, shared by every direction
+    under this law); other parameters (biases, routers' vectors, matrices thinner than r) stay dense."""
+
+    distribution: str = "gaussian"
+    rank: int = 0
+    basis: int = 0
+
+    def low_rank(self, param: torch.Tensor) -> bool:
+        return self.rank > 0 and param.ndim == 2 and min(param.shape) > self.rank
+
+
+LawLike = Union[str, Law]
+
+
+def as_law(law: LawLike) -> Law:
+    return law if isinstance(law, Law) else Law(law)
+
+
+def _draw(shape, seed: int, distribution: str, device) -> torch.Tensor:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
     if distribution == "gaussian":
-        return torch.randn(param.shape, generator=g, device=param.device, dtype=torch.float32)
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
     if distribution == "rademacher":
-        return torch.randint(0, 2, param.shape, generator=g, device=param.device).to(torch.float32).mul_(2).sub_(1)
-    raise ValueError(f"unknown direction distribution {distribution!r}")
+        return torch.randint(0, 2, shape, generator=g, device=device).to(torch.float32).mul_(2).sub_(1)
+    raise ValueError(f"unknown direction distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
 
 
-def iter_directions(params: Iterable[torch.Tensor], seed: int, distribution: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def direction(param: torch.Tensor, seed: int, index: int, law: LawLike) -> torch.Tensor:
+    """The fp32 direction of `param` for `seed` (same seed, index and law -> same tensor, on any call)."""
+    law = as_law(law)
+    if not law.low_rank(param):
+        return _draw(param.shape, mix_seed(seed, index), law.distribution, param.device)
+    rows, cols = param.shape
+    u = _draw((rows, law.rank), mix_seed(seed, index), law.distribution, param.device)
+    v = _draw((cols, law.rank), mix_seed(law.basis, index), law.distribution, param.device)
+    return (u @ v.T).mul_(1.0 / math.sqrt(law.rank))
+
+
+def iter_directions(params: Iterable[torch.Tensor], seed: int, law: LawLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i, p in enumerate(params):
-        yield p, direction(p, seed, i, distribution)
+        yield p, direction(p, seed, i, law)
 
 
 @torch.no_grad()
-def perturb_(params: list[torch.Tensor], seed: int, scale: float, distribution: str) -> None:
+def perturb_(params: list[torch.Tensor], seed: int, scale: float, law: LawLike) -> None:
     """theta += scale * z(seed), in place. Parameters must be fp32 (eps=1e-3 vanishes in bf16)."""
-    for p, z in iter_directions(params, seed, distribution):
+    for p, z in iter_directions(params, seed, law):
         if p.dtype != torch.float32:
             raise TypeError(f"ZO perturbation needs fp32 parameters, got {p.dtype}; keep PEFT units in fp32 (autocast handles the backbone)")
         p.add_(z, alpha=scale)
-

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mozo.zo.directions import perturb_
+from mozo.zo.directions import LawLike, perturb_
 from mozo.seeds import mix_seed
 
 BLOCKS = ("joint", "group")
@@ -58,12 +58,13 @@ class Estimator:
     """Forms ZO estimates over named parameter groups. Stateless between estimates except for a
     perturbation in progress (undone by `undo()` after an error)."""
 
-    def __init__(self, groups: dict[str, Group], distribution: str = "gaussian", two_sided: bool = False,
+    def __init__(self, groups: dict[str, Group], distribution: LawLike = "gaussian", two_sided: bool = False,
                  blocks: str = "joint") -> None:
         if blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {blocks!r}")
         self.groups = groups
-        self.distribution, self.two_sided = distribution, two_sided
+        # The directions' law; the step sets it per step when zo.subspace_rank confines them to a subspace.
+        self.law, self.two_sided = distribution, two_sided
         self.block_names = [tuple(groups)] if blocks == "joint" else [(g,) for g in groups]
         self._outstanding: Optional[tuple[int, float, tuple[str, ...]]] = None  # (seed, offset, names)
 
@@ -84,7 +85,7 @@ class Estimator:
         names = tuple(names)
         for g in names:
             grp = self.groups[g]
-            perturb_(grp.params, self.group_seed(seed, g), scale * grp.eps, self.distribution)
+            perturb_(grp.params, self.group_seed(seed, g), scale * grp.eps, self.law)
         offset = (self._outstanding[1] if self._outstanding else 0.0) + scale
         self._outstanding = None if offset == 0.0 else (seed, offset, names)
 

@@ -12,7 +12,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-from mozo.zo.directions import iter_directions
+from mozo.zo.directions import LawLike, iter_directions
 
 Groups = dict[str, list[torch.Tensor]]
 
@@ -26,12 +26,12 @@ class ZORecord:
     coefs: dict[str, list[float]]  # group -> c_d per direction
     lr: float
     rule: str
-    distribution: str
+    distribution: LawLike  # a distribution name, or a Law (zo.subspace_rank: the step's subspace)
     extra: dict = field(default_factory=dict)  # e.g. the conservative rule's chosen candidate
 
 
 @torch.no_grad()
-def estimate_(params: list[torch.Tensor], seeds: list[int], coefs: list[float], distribution: str) -> list[torch.Tensor]:
+def estimate_(params: list[torch.Tensor], seeds: list[int], coefs: list[float], distribution: LawLike) -> list[torch.Tensor]:
     """Materialise g = mean_d c_d z_d for each parameter (new fp32 tensors; for rules that need g itself)."""
     out = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     for seed, c in zip(seeds, coefs):
@@ -76,7 +76,7 @@ class Rule:
         return cls.applied_as or cls.name
 
     @torch.no_grad()
-    def apply(self, seeds: dict[str, list[int]], coefs: dict[str, list[float]], lr: float, distribution: str,
+    def apply(self, seeds: dict[str, list[int]], coefs: dict[str, list[float]], lr: float, distribution: LawLike,
               ctx: UpdateContext) -> dict:
         """Update every group; return extra facts for the step's record (empty for most rules)."""
         for g, params in self.groups.items():
@@ -84,7 +84,7 @@ class Rule:
         return {}
 
     @staticmethod
-    def update_group(params: list[torch.Tensor], seeds: list[int], coefs: list[float], lr: float, distribution: str) -> None:
+    def update_group(params: list[torch.Tensor], seeds: list[int], coefs: list[float], lr: float, distribution: LawLike) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
