@@ -185,6 +185,28 @@ def test_cli_tiny_random_writes_rows_for_both_towers(tmp_path, capsys):
     assert "per modality" in capsys.readouterr().out
 
 
+def test_subspace_directions_are_the_ones_the_statistics_use():
+    """L linear, rank-2 subspace law: each coefficient is <g, z_d> of the law's own low-rank z_d (fd error ~0, signs
+    agree); the reference stays the dense one, P + 1 = 49, for comparison."""
+    from mozo.zo.directions import Law
+
+    g = torch.Generator().manual_seed(1)
+    p, b = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    stats = estimator_statistics([p], lambda: float((p.double() * b.double()).sum()), [b], eps=[1.0], q=[1], directions=64,
+                                 seed=0, distribution=Law("gaussian", 2, 5))
+    row = stats["by_eps"][0]
+    assert row["loss_diff"]["fd_rel_error"] < 1e-5 and row["sign_agreement"] == 1.0
+    assert stats["ideal_normalized_variance"] == 49.0
+
+
+def test_cli_subspace_rank_is_recorded_and_refused_when_negative(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--batch", "2", "--directions", "2", "--q", "1",
+                     "--eps", "1e-2", "--modalities", "vision", "--layers", "1", "--subspace-rank", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["estimator"]["subspace_rank"] == 2 and "rank-2 subspace" in capsys.readouterr().out
+    assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--subspace-rank", "-1"]) == 2
+
+
 def test_cli_rejects_too_few_directions(tmp_path):
     assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--directions", "2", "--q", "1,4"]) == 2
 
@@ -272,8 +294,9 @@ def test_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch):
     assert res["best"]["lr"] == 1e-3 and "failed: FloatingPointError" in sw.format_table(res)
 
 
-@pytest.mark.parametrize("plan,per_tower,two_sided", [("dual:hop-odd", False, False), ("dual-zo", True, True), ("vision-zo", False, True)])
-def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, per_tower, two_sided):
+@pytest.mark.parametrize("plan,per_tower,two_sided,rank", [("dual:hop-odd", False, False, 0), ("dual-zo", True, True, 0),
+                                                            ("vision-zo", False, True, 0), ("dual:hop-odd", False, False, 2)])
+def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, per_tower, two_sided, rank):
     """One estimator: the diagnostics' plan_estimate, given the step's direction seeds and noise seed,
     returns the coefficients the training step recorded, bit for bit (default units: dropout and router noise on)."""
     from conftest import randomize_units
@@ -282,7 +305,7 @@ def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, pe
     pixels, labels, text = batch
     model = make_model()
     randomize_units(model, std=0.1)
-    zo = mozo.ZOConfig(rule="sgd", lr=0.0, q=2, two_sided=two_sided, per_tower=per_tower)
+    zo = mozo.ZOConfig(rule="sgd", lr=0.0, q=2, two_sided=two_sided, per_tower=per_tower, subspace_rank=rank)
     step = mozo.HybridStep(model, plan, zo, seed=7)
     noise_seed = step.noise_seed(0)
     theta = {k: v.clone() for k, v in model.units.state_dict().items()}
@@ -290,7 +313,7 @@ def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, pe
     model.units.load_state_dict(theta)  # undoing a perturbation by subtraction leaves fp32 rounding behind
     eps = {m: zo.eps(m) for m in ("vision", "language")}
     _, coefs, _ = plan_estimate(model, Batch(pixels, labels, text, [], "random"), plan, eps, record.seeds, noise_seed,
-                                two_sided=two_sided, blocks="group" if per_tower else "joint")
+                                distribution=record.distribution, two_sided=two_sided, blocks="group" if per_tower else "joint")
     assert set(coefs) == set(record.coefs) and all(len(c) == 2 for c in coefs.values())
     for m in coefs:
         assert coefs[m] == record.coefs[m]  # bit for bit

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from mozo.peft.registry import kind_names
+from mozo.seeds import mix_seed
+from mozo.zo.directions import Law
 
 
 def parse_floats(text: str) -> list[float]:
@@ -65,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with --sharpness: random directions K per group (default 16)")
     p.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
     p.add_argument("--two-sided", action="store_true", help="central differences instead of the one-sided Eq. 2")
+    p.add_argument("--subspace-rank", type=int, default=0, help="zo.subspace_rank: matrices' directions U V^T / sqrt(r) in "
+                   "one random rank-r subspace (its basis from --seed), as a window of training steps draws them; "
+                   "the exact-derivative references stay the dense ones (default 0: dense)")
     p.add_argument("--block", default="unit", choices=("unit", "tower", "joint"), help="ZO block: one unit (the paper's), a whole "
                    "tower, or joint: all ZO units of --plan at once with per-tower epsilons and one loss difference, "
                    "exactly as the training step forms the estimate")
@@ -165,7 +170,9 @@ def print_summary(report: dict, ref: int, out=None) -> None:
     qs = report["estimator"]["q"]
     print(f"\nbackbone {report['backbone']} | {report['state']['description']} | data: {report['data']['note']}", file=out)
     print(f"loss {report['loss_autograd']:.4f} | eps {eps:g} | {report['estimator']['directions']} directions "
-          f"({report['estimator']['distribution']}, {'two' if report['estimator']['two_sided'] else 'one'}-sided)", file=out)
+          f"({report['estimator']['distribution']}"
+          + (f", rank-{report['estimator']['subspace_rank']} subspace" if report["estimator"].get("subspace_rank") else "")
+          + f", {'two' if report['estimator']['two_sided'] else 'one'}-sided)", file=out)
     head = f"{'block':<14}{'P':>9}{'|grad|':>10}{'E|g_d|^2':>11}{'variance':>11}{'var/|g|^2':>11}{'/ideal':>8}" + "".join(f"{'cos q=' + str(q):>10}" for q in qs) + f"{'sgncos' + str(qs[0]):>9}{'sign ok':>9}{'fd err':>8}"
     print(head, file=out)
     for r in report["rows"]:
@@ -209,6 +216,9 @@ def main(args) -> int:
             for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
                 print(f"wrote {p}")
         return 0
+    if args.subspace_rank < 0:
+        print(f"mozo diagnose: --subspace-rank must be >= 0 (0: dense directions), got {args.subspace_rank}", file=sys.stderr)
+        return 2
     if args.directions < max(args.q):
         print(f"mozo diagnose: --directions {args.directions} < max q {max(args.q)}: the cosine for that q needs at least q directions", file=sys.stderr)
         return 2
@@ -241,12 +251,12 @@ def main(args) -> int:
 
     if args.block == "joint":
         return _main_joint(args, model, spec, diag_batch, state, progress, t0)
-    result = diagnose(model, diag_batch, args.eps, args.q, args.directions, seed=args.seed, distribution=args.distribution,
+    result = diagnose(model, diag_batch, args.eps, args.q, args.directions, seed=args.seed, distribution=_law(args),
                       two_sided=args.two_sided, block=args.block, units=units, progress=progress)
     loss = result["loss_autograd"]
     report = {
         **_header(model, spec, diag_batch, args, state),
-        "estimator": {"block": args.block, "distribution": args.distribution, "two_sided": args.two_sided,
+        "estimator": {"block": args.block, "distribution": args.distribution, "subspace_rank": args.subspace_rank, "two_sided": args.two_sided,
                       "directions": args.directions, "eps": args.eps, "q": args.q, "seed": args.seed,
                       "seed_scheme": "direction d of unit (m, k): direction(p_i, mix_seed(mix_seed(seed, {vision:1, language:2}[m], k), d), i), k = 0 for --block tower"},
         "loss_autograd": loss,
@@ -263,6 +273,11 @@ def main(args) -> int:
         for p in write_plots(report, args.plots, args.plot_prefix, args.ref_eps):
             print(f"wrote {p}")
     return 0
+
+
+def _law(args):
+    """The directions' law of --distribution and --subspace-rank (the basis seeded from --seed)."""
+    return Law(args.distribution, args.subspace_rank, mix_seed(args.seed, "subspace")) if args.subspace_rank else args.distribution
 
 
 def _header(model, spec: str, batch, args, state: dict) -> dict:
@@ -283,12 +298,13 @@ def _main_joint(args, model, spec, batch, state, progress, t0) -> int:
     ev, el = args.eps_vision or args.eps, args.eps_language or args.eps
     try:
         result = diagnose_joint(model, batch, args.plan, ev, el, args.q, args.directions, seed=args.seed,
-                                distribution=args.distribution, two_sided=args.two_sided, progress=progress)
+                                distribution=_law(args), two_sided=args.two_sided, progress=progress)
     except ValueError as exc:
         print(f"mozo diagnose: {exc}", file=sys.stderr)
         return 2
     report = {**_header(model, spec, batch, args, state),
-              "estimator": {"block": "joint", "plan": args.plan, "distribution": args.distribution, "two_sided": args.two_sided,
+              "estimator": {"block": "joint", "plan": args.plan, "distribution": args.distribution, "subspace_rank": args.subspace_rank,
+                            "two_sided": args.two_sided,
                             "directions": args.directions, "eps_vision": ev, "eps_language": el, "q": args.q, "seed": args.seed},
               **result, "wall_time_s": time.perf_counter() - t0}
     print_joint(report)

@@ -47,7 +47,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mozo.zo.directions import direction
+from mozo.zo.directions import LawLike, as_law, direction
 from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 
@@ -57,7 +57,7 @@ def direction_seed(seed: int, d: int) -> int:
     return mix_seed(seed, d)
 
 
-def block_directions(params: Sequence[torch.Tensor], seed: int, d: int, distribution: str) -> list[torch.Tensor]:
+def block_directions(params: Sequence[torch.Tensor], seed: int, d: int, distribution: LawLike) -> list[torch.Tensor]:
     s = direction_seed(seed, d)
     return [direction(p, s, i, distribution) for i, p in enumerate(params)]
 
@@ -66,9 +66,10 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
 
 
-def ideal_normalized_variance(num_params: int, distribution: str) -> float:
-    """Expected trace(cov)/||g||^2 of c z with c = <g, z> exactly: P + 1 (Gaussian), P - 1 (Rademacher)."""
-    return float(num_params + 1 if distribution == "gaussian" else num_params - 1)
+def ideal_normalized_variance(num_params: int, distribution: LawLike) -> float:
+    """Expected trace(cov)/||g||^2 of dense c z with c = <g, z> exactly: P + 1 (Gaussian), P - 1 (Rademacher).
+    For subspace directions it is still the dense value: the reference a subspace estimate is compared with."""
+    return float(num_params + 1 if as_law(distribution).distribution == "gaussian" else num_params - 1)
 
 
 def ideal_cosine(num_params: int, q: int) -> float:
@@ -97,7 +98,7 @@ class DirectionSet:
 @torch.no_grad()
 def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], true_grad: Sequence[torch.Tensor],
                          eps: Sequence[float], q: Sequence[int], directions: int, seed: int,
-                         distribution: str = "gaussian", two_sided: bool = False) -> dict:
+                         distribution: LawLike = "gaussian", two_sided: bool = False) -> dict:
     """Measure the estimator of the block `params` (see the module docstring for every field).
 
     `loss_fn()` returns the loss at the current values of `params` (it is evaluated with the block
@@ -150,7 +151,7 @@ def estimator_statistics(params: Sequence[torch.Tensor], loss_fn: Callable[[], f
     }
 
 
-def eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, ds: DirectionSet, qs: Sequence[int], distribution: str) -> dict:
+def eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, ds: DirectionSet, qs: Sequence[int], distribution: LawLike) -> dict:
     """Every statistic of one epsilon from the coefficients c_d (float64) and the loss differences."""
     gram, gz, grad_sq, num_params = ds.gram, ds.gz, ds.grad_sq, ds.z.shape[1]
     n = len(c)
@@ -179,7 +180,7 @@ def eps_row(e: float, c: torch.Tensor, diff: torch.Tensor, ds: DirectionSet, qs:
         mean = sum(vals) / len(vals) if vals else None
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else None
         cosine[str(q)] = {"mean": mean, "std": std, "repeats": reps, "zero_estimates": zero_estimates,
-                          "ideal": ideal_cosine(num_params, q) if distribution == "gaussian" else None}
+                          "ideal": ideal_cosine(num_params, q) if as_law(distribution).distribution == "gaussian" else None}
     abs_gz = gz.abs()
     first_order = float(abs_gz.mean()) * e
     fd_err = float((c - gz).abs().mean()) / float(abs_gz.mean()) if float(abs_gz.mean()) > 0 else None
