@@ -305,7 +305,7 @@ def test_step_and_diagnostics_form_the_same_estimate(make_model, batch, plan, pe
     pixels, labels, text = batch
     model = make_model()
     randomize_units(model, std=0.1)
-    zo = mozo.ZOConfig(rule="sgd", lr=0.0, q=2, two_sided=two_sided, per_tower=per_tower, subspace_rank=rank)
+    zo = mozo.ZOConfig(rule="sgd", lr=0.0, q=2, two_sided=two_sided, granularity="tower" if per_tower else "joint", subspace_rank=rank)
     step = mozo.HybridStep(model, plan, zo, seed=7)
     noise_seed = step.noise_seed(0)
     theta = {k: v.clone() for k, v in model.units.state_dict().items()}

@@ -47,7 +47,7 @@ import torch
 
 WORLD = 2
 B, N_STEPS, N_CLASSES = 8, 3, 5
-PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower")  # "/per-tower": zo.per_tower=true
+PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower")  # "/per-tower": zo.granularity=tower
 ATOL = 1e-5
 RD_PLANS = ("dual-zo/rank-directions", "vision-zo/rank-directions")  # zo.rank_directions=true, q=RD_Q per rank
 RD_Q = 2
@@ -95,7 +95,7 @@ def _step(model, plan: str, dist_ctx=None):
               world_size=dist_ctx.world_size) if dist_ctx else {}
     plan, _, option = plan.partition("/")
     rd = option == "rank-directions"
-    zo = ZOConfig(rule="sgd", lr=1e-4, per_tower=option == "per-tower", rank_directions=rd, q=RD_Q if rd else 1)
+    zo = ZOConfig(rule="sgd", lr=1e-4, granularity="tower" if option == "per-tower" else "joint", rank_directions=rd, q=RD_Q if rd else 1)
     return HybridStep(model, plan, zo, fo_lr=1e-3, seed=7, **kw)
 
 

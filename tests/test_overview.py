@@ -8,18 +8,18 @@ from mozo.zo.config import ZOConfig
 
 
 @pytest.mark.parametrize("plan,zo", [
-    ("fo", {}), ("vision-zo", {}), ("dual-zo", {}), ("dual-zo", {"per_tower": True}),
+    ("fo", {}), ("vision-zo", {}), ("dual-zo", {}), ("dual-zo", {"granularity": "tower"}),
     ("dual-zo", {"q": 2, "two_sided": True}), ("vision-zo", {"two_sided": True, "fo_at_perturbed": True}),
-    ("language-zo", {"rule": "conservative"}), ("dual:hop-odd", {"q": 3, "per_tower": True, "two_sided": True}),
+    ("language-zo", {"rule": "conservative"}), ("dual:hop-odd", {"q": 3, "granularity": "tower", "two_sided": True}),
     ("vision-zo", {"steps_per_batch": 3}), ("dual-zo", {"steps_per_batch": 2, "two_sided": True, "q": 2}),
-    ("vision-zo", {"steps_per_batch": 2, "rule": "conservative"}), ("dual:hop-odd", {"per_unit": True}),
-    ("vision-zo", {"per_unit": True, "two_sided": True, "q": 2}),
+    ("vision-zo", {"steps_per_batch": 2, "rule": "conservative"}), ("dual:hop-odd", {"granularity": "unit"}),
+    ("vision-zo", {"granularity": "unit", "two_sided": True, "q": 2}),
 ])
 def test_forwards_per_step_is_what_a_step_runs(make_model, batch, plan, zo):
     cfg = ZOConfig(**zo)
     step = HybridStep(make_model(), plan, cfg)
     stats = step(*batch)
-    assert forwards_per_step(cfg, len(step.zo_towers), len(step.estimator.groups) if cfg.per_unit else 0) == stats.forward_passes
+    assert forwards_per_step(cfg, len(step.zo_towers), len(step.estimator.groups) if cfg.granularity == "unit" else 0) == stats.forward_passes
 
 
 def test_mozo_run_prints_the_plan_before_training(tmp_path, capsys):

@@ -34,7 +34,7 @@ def _units(model) -> dict:
     return {k: v.detach().clone() for k, v in model.units.state_dict().items()}
 
 
-@pytest.mark.parametrize("plan,extra", [("dual-zo", {}), ("vision-zo", {"two_sided": True}), ("dual-zo", {"per_tower": True}),
+@pytest.mark.parametrize("plan,extra", [("dual-zo", {}), ("vision-zo", {"two_sided": True}), ("dual-zo", {"granularity": "tower"}),
                                         ("vision-zo", {"two_sided": True, "fo_at_perturbed": True, "q": 1})])
 def test_world_size_one_is_bitwise_the_default(plan, extra):
     runs = []

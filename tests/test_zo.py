@@ -253,7 +253,7 @@ def test_step_coefficient_is_the_autograd_directional_derivative(make_model, bat
 
 
 def test_per_tower_coefficients_are_each_towers_own_directional_derivative(make_model, batch):
-    """zo.per_tower: each tower's coefficient carries its own directional derivative only (the joint
+    """zo.granularity=tower: each tower's coefficient carries its own directional derivative only (the joint
     estimate above gives both towers the sum), for the same tower forwards as the joint estimate."""
     pixels, labels, text = batch
     model = make_model(kind="moe", dropout=0.0, noisy_gating=False, layers=[3, 4], rank=8, scale=1.0)
@@ -265,7 +265,7 @@ def test_per_tower_coefficients_are_each_towers_own_directional_derivative(make_
         p.requires_grad_(True)
     loss = F.cross_entropy(model.logits(model.encode_images(pixels), model.encode_texts(text)), labels)
     grads = {m: torch.autograd.grad(loss, params[m], retain_graph=True, allow_unused=True) for m in params}
-    zo = mozo.ZOConfig(lr=0.0, two_sided=True, eps_vision=1e-4, eps_language=2e-4, per_tower=True)
+    zo = mozo.ZOConfig(lr=0.0, two_sided=True, eps_vision=1e-4, eps_language=2e-4, granularity="tower")
     stats = mozo.HybridStep(model, "dual-zo", zo, seed=1)(pixels, labels, text)
     assert stats.tower_forwards == {"vision": 3, "language": 3}  # theta, then +- per tower: 1 + 2 each
     assert stats.forward_passes == 5
@@ -280,5 +280,10 @@ def test_per_tower_coefficients_are_each_towers_own_directional_derivative(make_
 
 
 def test_per_tower_is_refused_with_fo_at_perturbed():
-    with pytest.raises(ValueError, match="cannot be combined with zo.per_tower"):
-        mozo.ZOConfig(two_sided=True, fo_at_perturbed=True, per_tower=True)
+    with pytest.raises(ValueError, match="needs zo.granularity=joint"):
+        mozo.ZOConfig(two_sided=True, fo_at_perturbed=True, granularity="tower")
+    with pytest.raises(ValueError, match="zo.granularity must be one of joint, tower, unit"):
+        mozo.ZOConfig(granularity="layer")
+    from mozo.engine.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="replaced by zo.granularity=tower"):
+        load_config("demo", ["zo.per_tower=true"])

@@ -109,14 +109,14 @@ def test_accumulate_refuses_what_it_does_not_implement(make_model):
 
 
 def test_per_unit_coefficients_are_each_units_own_directional_derivative(make_model, batch):
-    """zo.per_unit (the paper's Eq. 2 per training unit): one two-sided difference per unit and direction, each
+    """zo.granularity=unit (the paper's Eq. 2 per training unit): one two-sided difference per unit and direction, each
     unit perturbed alone and its tower re-run from the input of its own layer; coefficient ~ <grad_u, z_u>."""
     import torch.nn.functional as F
 
     pixels, labels, text = batch
     model = make_model(dropout=0.0, noisy_gating=False, layers=[2, 4])
     randomize_units(model, std=0.1)
-    step = mozo.HybridStep(model, "vision-zo", mozo.ZOConfig(lr=0.0, two_sided=True, per_unit=True, eps_vision=1e-4), seed=5)
+    step = mozo.HybridStep(model, "vision-zo", mozo.ZOConfig(lr=0.0, two_sided=True, granularity="unit", eps_vision=1e-4), seed=5)
     groups = {g: list(p for p in grp.params) for g, grp in step.estimator.groups.items()}
     assert set(groups) == {"vision.2", "vision.4"}
     model.train()

@@ -268,7 +268,7 @@ def plan_groups(model: MozoCLIP, plan_text: str) -> dict[str, list]:
 def plan_estimate(model: MozoCLIP, batch: Batch, plan_text: str, eps: dict[str, float], seeds: Sequence[int], noise_seed: int,
                   distribution: str = "gaussian", two_sided: bool = False, blocks: str = "joint"):
     """The estimate `HybridStep` forms for `plan_text` on `batch` with these direction seeds, epsilons and noise
-    seed (zo.per_tower: blocks="group"): (Differences, coefficients per tower, L(theta)). Tested equal to the
+    seed (zo.granularity=tower: blocks="group"): (Differences, coefficients per tower, L(theta)). Tested equal to the
     step's own coefficients. Perturbations are undone by copy, so repeated calls start at the same point."""
     units = plan_groups(model, plan_text)
     est = Estimator({m: Group([p for u in us for p in u.parameters()], eps[m], TOWER_STREAMS[m]) for m, us in units.items()},

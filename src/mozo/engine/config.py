@@ -130,7 +130,13 @@ def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys an earlier mozo wrote (in a run's config.json, too), with what replaced them.
+RENAMED = {"zo.per_tower": "zo.granularity=tower", "zo.per_unit": "zo.granularity=unit"}
+
+
 def _unknown(key: str) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"config key {key!r} was replaced by {RENAMED[key]} (joint, tower or unit: what one loss difference covers)")
     if key.startswith("peft."):  # nearest keys and the valid keys of its section; old flat keys: the new one
         return ConfigError(unknown_peft_key(key))
     candidates = valid_keys() + list(ALIASES)

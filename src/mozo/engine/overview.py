@@ -41,7 +41,7 @@ def run_overview(runner) -> str:
         lr = f"{z.lr:g}" if z.lr_relative is None else f"{z.lr_relative:g} x FO's"
         law = z.distribution if not z.subspace_rank else f"{z.distribution} rank-{z.subspace_rank} subspaces redrawn every {z.subspace_every} steps"
         lines.append(f"ZO        rule {z.rule}, lr {lr}, q {z.q}, {'two' if z.two_sided else 'one'}-sided, {law}, "
-                     + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + (", one estimate per tower" if z.per_tower else ", one estimate per unit" if z.per_unit else ""))
+                     + ", ".join(f"eps {m} {z.eps(m):g}" for m in zo_towers) + ("" if z.granularity == "joint" else f", one estimate per {z.granularity}"))
     if plan.has("fo"):
         lr = f"{cfg.train.lr:g}" if cfg.train.lr_per_task is None else "per task " + ", ".join(f"{runner.task_lr(t):g}" for t in range(len(runner.tasks)))
         lines.append(f"FO        AdamW lr {lr}, weight decay {cfg.train.weight_decay:g}, {cfg.train.schedule}, "

@@ -9,9 +9,9 @@ One call does, for a batch (docs/method.md, The hybrid step):
 2. For each of q directions: perturb the ZO units in place (direction regenerated from a seed),
    re-run only the towers that hold ZO units, starting from the prefix cache, reusing the other
    tower's cached features; restore. Noise (dropout, router) is re-seeded identically in every forward.
-   With `zo.per_tower`, each ZO tower is perturbed and re-run alone (one loss difference per tower and
+   With `zo.granularity=tower`, each ZO tower is perturbed and re-run alone (one loss difference per tower and
    direction): the same tower forwards, and no tower's coefficient carries the other tower's term.
-   With `zo.per_unit`, each ZO unit alone, its tower re-run from the cached input of its own layer.
+   With `zo.granularity=unit`, each ZO unit alone, its tower re-run from the cached input of its own layer.
    With `zo.rank_directions` (data parallel) each rank draws its own q directions and the ranks' loss
    differences are all-gathered: every rank applies one update over the q x N directions.
    The loss of every evaluation is the continual-learning method's (`mozo.methods`), the same function
@@ -64,7 +64,7 @@ def forwards_per_step(zo: ZOConfig, zo_towers: int, zo_units: int = 0) -> int:
     `StepStats.forward_passes` of real steps."""
     if not zo_towers:
         return 1
-    groups = zo_towers if zo.per_tower else (zo_units if zo.per_unit else 1)
+    groups = {"joint": 1, "tower": zo_towers, "unit": zo_units}[zo.granularity]
     perturbed = zo.q * groups * (2 if zo.two_sided else 1)
     extra = get_rule(zo.rule).extra_forwards
     # zo.steps_per_batch: each further ZO update re-estimates at its new point (one-sided: L there first)
@@ -129,15 +129,15 @@ class HybridStep:
                                  f"are named {', '.join(names)} (shell-style patterns, comma-separated)")
         self.zo_towers = [m for m in MODALITIES if self.zo_params[m]]
         self.fo_towers = [m for m in MODALITIES if self.plan.has("fo", m)]
-        # 0-based index of the lowest ZO layer per tower: perturbed forwards start there. zo.per_unit: the input of
+        # 0-based index of the lowest ZO layer per tower: perturbed forwards start there. zo.granularity=unit: the input of
         # every ZO unit's layer is cached (one hidden state per ZO layer), each unit's forwards start at its own.
         zo_layers = {m: sorted({u.info.layer for u in units["zo"] if u.info.modality == m}) for m in self.zo_towers}
-        self.capture_at = {m: ([layer - 1 for layer in zo_layers[m]] if self.zo.per_unit else zo_layers[m][0] - 1)
+        self.capture_at = {m: ([layer - 1 for layer in zo_layers[m]] if self.zo.granularity == "unit" else zo_layers[m][0] - 1)
                            if m in self.zo_towers else None for m in MODALITIES}
         self.fo_optimizer = torch.optim.AdamW(self.fo_params, lr=fo_lr, weight_decay=fo_weight_decay) if self.fo_params else None
-        # The estimator's parameter groups: one per ZO tower, or (zo.per_unit) one per ZO unit, "<tower>.<layer>".
+        # The estimator's parameter groups: one per ZO tower, or (zo.granularity=unit) one per ZO unit, "<tower>.<layer>".
         mine = {id(p) for ps in self.zo_params.values() for p in ps}
-        if self.zo.per_unit:
+        if self.zo.granularity == "unit":
             self.group_at = {f"{u.info.modality}.{u.info.layer}": (u.info.modality, u.info.layer) for u in units["zo"]}
             group_params = {g: [p for p in self.model.unit(m, layer).parameters() if id(p) in mine] for g, (m, layer) in self.group_at.items()}
             group_params = {g: ps for g, ps in group_params.items() if ps}
@@ -146,7 +146,7 @@ class HybridStep:
             self.group_at = {m: (m, None) for m in self.zo_towers}
             group_params, streams = {m: self.zo_params[m] for m in self.zo_towers}, TOWER_STREAMS
         self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
-                                   self.zo.distribution, self.zo.two_sided, "group" if self.zo.per_tower or self.zo.per_unit else "joint")
+                                   self.zo.distribution, self.zo.two_sided, "joint" if self.zo.granularity == "joint" else "group")
         self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo_lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
@@ -189,13 +189,13 @@ class HybridStep:
         return self.method.loss(self.model.logits(feats["vision"], feats["language"]).float(), labels, self._prepared)
 
     def _zo_loss(self, cache: dict, feats: dict, labels: torch.Tensor, counts: Counter, groups) -> torch.Tensor:
-        """Loss with the towers of `groups` (tower names, or zo.per_unit unit groups) recomputed from their prefix
+        """Loss with the towers of `groups` (tower names, or zo.granularity=unit's unit groups) recomputed from their prefix
         cache (a unit group's from its own layer), other towers' features reused."""
         f = dict(feats)
         with torch.no_grad(), self._autocast():
             for g in groups:
                 m, layer = self.group_at.get(g, (g, None))
-                # zo.per_unit caches one hidden state per ZO layer: a unit starts at its own, a whole tower at the lowest
+                # zo.granularity=unit caches one hidden state per ZO layer: a unit starts at its own, a whole tower at the lowest
                 start = cache[m] if not isinstance(cache[m], dict) else cache[m][layer - 1 if layer else min(cache[m])]
                 f[m], _ = self.model.encode(m, start=start)
                 counts[f"tower:{m}"] += 1
@@ -287,7 +287,7 @@ class HybridStep:
             counts["backward"] += 1
         feats = {m: f.detach() for m, f in feats.items()}
         loss0 = loss0.detach()
-        # One loss difference per direction for all ZO towers together, or (zo.per_tower) one per direction
+        # One loss difference per direction for all ZO towers together, or (zo.granularity=tower) one per direction
         # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
         diffs = None
         if self.zo_towers:

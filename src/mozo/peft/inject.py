@@ -74,7 +74,7 @@ class MozoCLIP(nn.Module):
 
         `capture_at` (0-based layer) also returns the hidden state entering that layer, detached:
         the prefix cache that lets perturbed forwards skip the layers below the lowest ZO unit. A list of
-        layers returns {layer: TowerInput} (zo.per_unit: every ZO unit's forwards start at its own layer).
+        layers returns {layer: TowerInput} (zo.granularity=unit: every ZO unit's forwards start at its own layer).
         """
         tower = self.towers[modality]
         x = start if start is not None else tower.embed(inputs)

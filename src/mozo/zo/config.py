@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from mozo.zo.directions import DISTRIBUTIONS, Law, LawLike
 from mozo.zo.rules import RULES, get_rule
+GRANULARITIES = ("joint", "tower", "unit")
 DEFAULT_EPS = 1e-3  # the paper's epsilon; a rule may set its own per group (MoZO: mozo/zo/rules/mozo.py)
 
 
@@ -83,12 +84,11 @@ class ZOConfig:
     eps_language: Optional[float] = None
     weight_decay: float = 0.0  # for rule=adamw
     fo_at_perturbed: bool = False  # two-sided, q=1: take the FO gradient at theta+eps*z, saving one forward
-    # One loss difference per ZO tower (each tower perturbed alone, the other's features reused): the same
-    # tower forwards as the joint estimate, without the other tower's term in each tower's coefficient.
-    per_tower: bool = False
-    # One loss difference per ZO unit (the paper's Eq. 2 per training unit): each unit perturbed alone, its tower
-    # re-run from the cached input of its own layer. Forwards: one per unit and direction (partial towers).
-    per_unit: bool = False
+    # What one loss difference covers. joint: every ZO unit of the plan at once (one forward per direction).
+    # tower: each ZO tower perturbed alone, the other's features reused (the same tower forwards, without the
+    # other tower's term in each tower's coefficient). unit: each ZO unit alone (the paper's Eq. 2 per training
+    # unit), its tower re-run from the cached input of its own layer (one partial forward per unit and direction).
+    granularity: str = "joint"
     rank_directions: bool = False  # data-parallel: each rank its own q directions, q x N differences all-gathered
     # Which parameters of each ZO unit are perturbed and updated, as comma-separated shell patterns of their names
     # within the unit (MoE: w_gate (the router), w_noise, experts.N.down.*, experts.N.up.*): a smaller perturbed
@@ -125,10 +125,10 @@ class ZOConfig:
                 check_range(f"zo.{f.name}", getattr(self, f.name), 0, open_low=True, optional=True)
         if self.fo_at_perturbed and not (self.two_sided and self.q == 1):
             raise ValueError("zo.fo_at_perturbed needs zo.two_sided=true and zo.q=1 (it replaces L(theta) by L(theta+eps z))")
-        if self.per_tower and self.per_unit:
-            raise ValueError("zo.per_tower and zo.per_unit are two granularities of the estimate; choose one")
-        if self.fo_at_perturbed and (self.per_tower or self.per_unit):
-            raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it cannot be combined with zo.per_tower or zo.per_unit")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"zo.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.fo_at_perturbed and self.granularity != "joint":
+            raise ValueError("zo.fo_at_perturbed perturbs every tower in the FO forward; it needs zo.granularity=joint")
 
     def learning_rate(self, fo_lr: float) -> float:
         """The ZO learning rate at a step whose FO learning rate is `fo_lr` (zo.lr, or zo.lr_relative x fo_lr)."""
