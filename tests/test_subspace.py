@@ -127,3 +127,56 @@ def test_relative_zo_learning_rate_follows_the_fo_rate_and_its_schedule(tmp_path
     assert all(torch.equal(out["relative"][k], out["absolute"][k]) for k in out["absolute"])
     assert any(not torch.equal(out["relative"][k], out["relative-2x"][k]) for k in out["absolute"] if k.startswith("vision"))
     assert mozo.ZOConfig(lr_relative=0.5).learning_rate(1e-2) == 5e-3 and mozo.ZOConfig(lr=3e-4).learning_rate(1e-2) == 3e-4
+
+
+# ------------------------------------------------------------------------------------------ guided directions
+def test_a_guided_direction_mixes_the_scaled_surrogate_with_the_random_one():
+    p, s = torch.zeros(5, 7), torch.randn(5, 7)
+    rms = s.pow(2).mean().sqrt()
+    law = lambda w, guide: Law("gaussian", guide_weight=w, guide=guide)  # noqa: E731
+    torch.testing.assert_close(direction(p, 3, 0, law(1.0, {id(p): s})), s / rms)
+    mixed = direction(p, 3, 0, law(0.6, {id(p): s}))
+    torch.testing.assert_close(mixed, 0.6 * s / rms + 0.8 * direction(p, 3, 0, "gaussian"))
+    # no surrogate for this parameter, or an all-zero one: the random direction, bit for bit
+    assert torch.equal(direction(p, 3, 0, law(0.6, {})), direction(p, 3, 0, "gaussian"))
+    assert torch.equal(direction(p, 3, 0, law(0.6, {id(p): torch.zeros(5, 7)})), direction(p, 3, 0, "gaussian"))
+
+
+def test_the_guided_coefficient_is_the_derivative_along_the_neighbours_gradient(make_model, batch):
+    """vision:hop-even, zo.guide_weight=1: each ZO unit's direction is the mean gradient of the same parameter in its
+    FO neighbours (layers k-1, k+1) scaled to RMS 1, so the two-sided coefficient is <grad_zo, s / rms(s)>."""
+    import torch.nn.functional as F
+
+    pixels, labels, text = batch
+    model = make_model(dropout=0.0, noisy_gating=False)
+    randomize_units(model, std=0.1)
+    every = [p for u in model.unit_list() for p in u.parameters()]
+    model.train()
+    loss = F.cross_entropy(model.logits(model.encode_images(pixels), model.encode_texts(text)), labels)
+    grads = dict(zip(map(id, every), torch.autograd.grad(loss, every, allow_unused=True)))
+    step = mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(lr=0.0, two_sided=True, eps_vision=1e-4, guide_weight=1.0),
+                           fo_lr=0.0, seed=5)
+    stats = step(pixels, labels, text)
+    want = 0.0
+    for p in step.zo_params["vision"]:
+        sources = step.guide_sources.get(id(p))
+        g = grads[id(p)]
+        if sources and g is not None:
+            s = torch.stack([grads[id(q)] for q in sources]).mean(0)
+            if s.abs().sum() > 0:
+                want += float((g * s).sum() / s.pow(2).mean().sqrt())
+    assert set(stats.zo.distribution.guide) <= set(step.guide_sources) and stats.zo.distribution.guide_weight == 1.0
+    assert abs(want) > 1e-2 and stats.zo.coefs["vision"][0] == pytest.approx(want, rel=5e-2)
+
+
+def test_guided_directions_are_refused_where_they_cannot_work(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="no FO unit next to a ZO unit"):
+        mozo.HybridStep(model, "vision-zo", mozo.ZOConfig(guide_weight=0.5))
+    with pytest.raises(ValueError, match="not implemented in data-parallel runs"):
+        mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(guide_weight=0.5), world_size=2, gather_scalars=lambda t: t)
+    with pytest.raises(ValueError, match="zo.guide_weight"):
+        mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(guide_weight=0.5), accumulate=2)
+    for bad in ({"guide_weight": 1.5}, {"guide_weight": 0.5, "two_sided": True, "fo_at_perturbed": True}):
+        with pytest.raises(ValueError, match="zo.guide_weight"):
+            mozo.ZOConfig(**bad)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +37,7 @@ from mozo.methods.base import Method
 from mozo.methods.baseline import Baseline
 from mozo.peft.inject import MozoCLIP
 from mozo.zo.config import ZOConfig
+from mozo.zo.directions import as_law
 from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 from mozo.zo.plan import Plan
@@ -77,7 +78,7 @@ def check_accumulate(accumulate: int, zo: ZOConfig) -> None:
     forward at the perturbed point, re-evaluations, further or per-rank estimates) is refused, naming it."""
     if accumulate > 1:
         clash = [name for name, on in (("zo.fo_at_perturbed", zo.fo_at_perturbed), ("zo.steps_per_batch > 1", zo.steps_per_batch > 1),
-                                       ("zo.rank_directions", zo.rank_directions),
+                                       ("zo.rank_directions", zo.rank_directions), ("zo.guide_weight", zo.guide_weight > 0),
                                        (f"zo.rule={zo.rule} (it re-evaluates the loss)", get_rule(zo.rule).extra_forwards > 0)) if on]
         if clash:
             raise ValueError(f"train.accumulate={accumulate} is not implemented with {', '.join(clash)}; use train.accumulate=1")
@@ -147,6 +148,10 @@ class HybridStep:
             group_params, streams = {m: self.zo_params[m] for m in self.zo_towers}, TOWER_STREAMS
         self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
                                    self.zo.distribution, self.zo.two_sided, "joint" if self.zo.granularity == "joint" else "group")
+        self.guide_sources = self._guide_sources(units) if self.zo.guide_weight else {}
+        if self.guide_sources and world_size > 1:
+            raise ValueError("zo.guide_weight is not implemented in data-parallel runs (each rank's FO gradients differ before "
+                             "their all-reduce); set zo.guide_weight=0")
         self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo_lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
@@ -156,6 +161,34 @@ class HybridStep:
                             and not any(u.has_noise() for u in lang_units))
         self._text_params = [p for u in lang_units for p in u.parameters()]
         self._text_cache: Optional[tuple[dict, tuple, torch.Tensor]] = None  # (prompt tensors, unit versions, features)
+
+    def _guide_sources(self, units: dict) -> dict[int, list[torch.Tensor]]:
+        """zo.guide_weight: for each ZO parameter, the same-named, same-shaped parameters of the FO units one layer
+        below and above in its tower (their gradients are its direction's surrogate). Refused if none has any."""
+        mine = {id(p) for ps in self.zo_params.values() for p in ps}
+        fo_at = {(u.info.modality, u.info.layer): u for u in units["fo"]}
+        sources = {}
+        for u in units["zo"]:
+            m, layer = u.info.modality, u.info.layer
+            neighbours = [fo_at[(m, k)] for k in (layer - 1, layer + 1) if (m, k) in fo_at]
+            for name, p in u.named_parameters():
+                found = [q for n in neighbours for qn, q in n.named_parameters() if qn == name and q.shape == p.shape]
+                if id(p) in mine and found:
+                    sources[id(p)] = found
+        if not sources:
+            raise ValueError("zo.guide_weight takes each ZO unit's direction from the FO units of the neighbouring layers, "
+                             f"but plan {self.plan.text!r} has no FO unit next to a ZO unit in the same tower; use a layer-wise "
+                             "plan (e.g. vision:hop-even) or zo.guide_weight=0")
+        return sources
+
+    def _guided(self, law):
+        """The step's law with this batch's surrogate gradients (the neighbouring FO units' mean gradient)."""
+        guide = {}
+        for pid, sources in self.guide_sources.items():
+            grads = [q.grad for q in sources if q.grad is not None]
+            if grads:
+                guide[pid] = torch.stack(grads).mean(0)
+        return replace(as_law(law), guide_weight=self.zo.guide_weight, guide=guide)
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -287,6 +320,8 @@ class HybridStep:
             counts["backward"] += 1
         feats = {m: f.detach() for m, f in feats.items()}
         loss0 = loss0.detach()
+        if self.guide_sources:  # zo.guide_weight: directions lean towards the neighbouring FO units' gradients
+            self.estimator.law = self._guided(self.estimator.law)
         # One loss difference per direction for all ZO towers together, or (zo.granularity=tower) one per direction
         # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
         diffs = None

@@ -102,6 +102,10 @@ class ZOConfig:
     # 0: dense directions (the paper's).
     subspace_rank: int = 0
     subspace_every: int = 50
+    # Guided directions (zo/directions.py): each ZO parameter's direction leans, with this weight in [0, 1], towards
+    # the mean FO gradient of the same parameter in the neighbouring layers' FO units of its tower (layer-wise
+    # plans), which the step has computed before any ZO forward. 0: random directions (the paper's).
+    guide_weight: float = 0.0
     gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
     def __post_init__(self) -> None:
@@ -112,6 +116,9 @@ class ZOConfig:
         check_range("zo.lr_relative", self.lr_relative, 0, optional=True)
         check_range("zo.subspace_rank", self.subspace_rank, 0, integer=True)
         check_range("zo.subspace_every", self.subspace_every, 1, integer=True)
+        check_range("zo.guide_weight", self.guide_weight, 0, 1)
+        if self.guide_weight and self.fo_at_perturbed:
+            raise ValueError("zo.guide_weight needs the FO gradients before the perturbation; zo.fo_at_perturbed takes them at it")
         check_range("zo.q", self.q, 1, integer=True)
         check_range("zo.gain_every", self.gain_every, 0, integer=True)
         check_range("zo.steps_per_batch", self.steps_per_batch, 1, integer=True)
