@@ -148,7 +148,8 @@ class HybridStep:
             group_params, streams = {m: self.zo_params[m] for m in self.zo_towers}, TOWER_STREAMS
         self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
                                    self.zo.distribution, self.zo.two_sided, "joint" if self.zo.granularity == "joint" else "group")
-        self.guide_sources = self._guide_sources(units) if self.zo.guide_weight else {}
+        # (a plan without ZO units, such as a frozen control, has nothing to guide)
+        self.guide_sources = self._guide_sources(units) if self.zo.guide_weight and units["zo"] else {}
         if self.guide_sources and world_size > 1:
             raise ValueError("zo.guide_weight is not implemented in data-parallel runs (each rank's FO gradients differ before "
                              "their all-reduce); set zo.guide_weight=0")
