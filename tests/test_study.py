@@ -40,6 +40,10 @@ def test_study_runs_plans_and_controls_and_reuses_finished_runs(tmp_path, capsys
     stamp = (tmp_path / "vision-zo" / "zo" / "seed0" / "results.json").stat().st_mtime_ns
     assert cli(args) == 0  # finished runs are reused, not repeated
     assert (tmp_path / "vision-zo" / "zo" / "seed0" / "results.json").stat().st_mtime_ns == stamp
+    assert cli([*args, "--first-seed", "1"]) == 0  # seeds 1 and 2: seed 1 reused, seed 2 new, seed 0 left out
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["first_seed"] == 1 and study["table"]["vision-zo"]["zo"]["last"]["n"] == 2
+    assert json.loads((tmp_path / "vision-zo" / "zo" / "seed2" / "results.json").read_text())["config"]["seed"] == 2
     capsys.readouterr()
     assert cli(["study", "demo", "--plans", "vision-zo", "--seeds", "2", "--controls", "frozn", "--out", str(tmp_path)]) == 2
     assert "unknown control" in capsys.readouterr().err

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", help="preset or YAML file, as for mozo run (e.g. demo)")
     p.add_argument("--plans", required=True, help="comma-separated plans; a plan may carry overrides after '@', "
                                                      "e.g. dual:hop-odd@zo.rule=mozo")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    p.add_argument("--seeds", type=int, default=5, help="how many seeds: --first-seed .. --first-seed + N - 1 (default 5)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0); a replication on fresh seeds "
+                   "uses e.g. --first-seed 5")
     p.add_argument("--controls", default="frozen,noise", help=f"comma-separated, of {', '.join(CONTROLS)} (default both)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--data-root", help="as for mozo run")
@@ -183,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown control(s) {unknown}; choose from {', '.join(CONTROLS)}")
         if args.seeds < 2:
             raise ConfigError(f"--seeds must be >= 2 for a confidence interval, got {args.seeds}")
+        if args.first_seed < 0:
+            raise ConfigError(f"--first-seed must be >= 0, got {args.first_seed}")
         if not plans:
             raise ConfigError("--plans is empty; give e.g. --plans vision-zo,dual:hop-odd@zo.rule=mozo")
         variants = {}
@@ -200,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
         results[plan] = {}
         for variant, extra in variants[plan]:
             sums = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 run_dir = _run_dir(out, plan, variant, seed)
                 print(f"mozo study: {plan} {variant} seed {seed} -> {run_dir}", flush=True)
                 res = run_one(args.preset, overrides + args.set + extra + [f"seed={seed}"], run_dir, args.data_root)
@@ -211,6 +215,7 @@ def main(args: argparse.Namespace) -> int:
     table = summarize_study(results, controls, signals)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({"preset": args.preset, "plans": args.plans, "seeds": args.seeds,
+                                                "first_seed": args.first_seed,
                                                 "controls": controls, "set": args.set, "table": table}, indent=1))
     text = markdown(table, controls, args.seeds)
     (out / "study.md").write_text(text + "\n")
