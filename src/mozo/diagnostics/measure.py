@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mozo.backbone.towers import MODALITIES, TOWER_STREAMS
 from mozo.diagnostics.stats import DirectionSet, eps_row, estimator_statistics, flat
 from mozo.peft.inject import MozoCLIP
-from mozo.zo.directions import direction
+from mozo.zo.directions import LawLike, direction
 from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
 
@@ -266,7 +266,7 @@ def plan_groups(model: MozoCLIP, plan_text: str) -> dict[str, list]:
 
 @torch.no_grad()
 def plan_estimate(model: MozoCLIP, batch: Batch, plan_text: str, eps: dict[str, float], seeds: Sequence[int], noise_seed: int,
-                  distribution: str = "gaussian", two_sided: bool = False, blocks: str = "joint"):
+                  distribution: LawLike = "gaussian", two_sided: bool = False, blocks: str = "joint"):
     """The estimate `HybridStep` forms for `plan_text` on `batch` with these direction seeds, epsilons and noise
     seed (zo.granularity=tower: blocks="group"): (Differences, coefficients per tower, L(theta)). Tested equal to the
     step's own coefficients. Perturbations are undone by copy, so repeated calls start at the same point."""
