@@ -183,7 +183,7 @@ def block_loss_fn(model: MozoCLIP, batch: Batch, modality: str, layer: int, nois
 
 
 def diagnose(model: MozoCLIP, batch: Batch, eps: Sequence[float], q: Sequence[int], directions: int, seed: int = 0,
-             distribution: str = "gaussian", two_sided: bool = False, block: str = "unit",
+             distribution: LawLike = "gaussian", two_sided: bool = False, block: str = "unit",
              units: Optional[Sequence[tuple[str, int]]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Per-block statistics (rows) and per-modality aggregates. `units` restricts to some (modality, layer)."""
     if block not in ("unit", "tower"):
@@ -287,7 +287,7 @@ def plan_estimate(model: MozoCLIP, batch: Batch, plan_text: str, eps: dict[str, 
 
 @torch.no_grad()
 def diagnose_joint(model: MozoCLIP, batch: Batch, plan_text: str, eps_vision: Sequence[float], eps_language: Sequence[float],
-                   q: Sequence[int], directions: int, seed: int = 0, distribution: str = "gaussian", two_sided: bool = False,
+                   q: Sequence[int], directions: int, seed: int = 0, distribution: LawLike = "gaussian", two_sided: bool = False,
                    progress: Optional[Callable[[str], None]] = None) -> dict:
     """The estimator exactly as `HybridStep` forms it (`plan_estimate`): all ZO units of a plan perturbed at
     once, each tower with its own epsilon, ONE loss difference, and c_m = diff / eps_m for tower m.
