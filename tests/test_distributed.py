@@ -47,7 +47,8 @@ import torch
 
 WORLD = 2
 B, N_STEPS, N_CLASSES = 8, 3, 5
-PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower")  # "/per-tower": zo.granularity=tower
+# "/per-tower": zo.granularity=tower; "/guided": zo.guide_weight=1 (the guide from the all-reduced FO gradients)
+PLANS = ("fo", "vision-zo", "dual-zo", "dual-zo/per-tower", "dual:hop-odd/guided")
 ATOL = 1e-5
 RD_PLANS = ("dual-zo/rank-directions", "vision-zo/rank-directions")  # zo.rank_directions=true, q=RD_Q per rank
 RD_Q = 2
@@ -95,7 +96,8 @@ def _step(model, plan: str, dist_ctx=None):
               world_size=dist_ctx.world_size) if dist_ctx else {}
     plan, _, option = plan.partition("/")
     rd = option == "rank-directions"
-    zo = ZOConfig(rule="sgd", lr=1e-4, granularity="tower" if option == "per-tower" else "joint", rank_directions=rd, q=RD_Q if rd else 1)
+    zo = ZOConfig(rule="sgd", lr=1e-4, granularity="tower" if option == "per-tower" else "joint", rank_directions=rd, q=RD_Q if rd else 1,
+                  guide_weight=1.0 if option == "guided" else 0.0)
     return HybridStep(model, plan, zo, fo_lr=1e-3, seed=7, **kw)
 
 

@@ -174,8 +174,6 @@ def test_guided_directions_are_refused_where_they_cannot_work(make_model):
     with pytest.raises(ValueError, match="no FO unit next to a ZO unit"):
         mozo.HybridStep(model, "vision-zo", mozo.ZOConfig(guide_weight=0.5))
     assert mozo.HybridStep(model, "vision:hop-even+vision:2,4=frozen", mozo.ZOConfig(guide_weight=0.5)).guide_sources == {}  # a frozen control
-    with pytest.raises(ValueError, match="not implemented in data-parallel runs"):
-        mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(guide_weight=0.5), world_size=2, gather_scalars=lambda t: t)
     with pytest.raises(ValueError, match="zo.guide_weight"):
         mozo.HybridStep(model, "vision:hop-even", mozo.ZOConfig(guide_weight=0.5), accumulate=2)
     for bad in ({"guide_weight": 1.5}, {"guide_weight": 0.5, "two_sided": True, "fo_at_perturbed": True}):

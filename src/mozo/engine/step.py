@@ -150,9 +150,7 @@ class HybridStep:
                                    self.zo.distribution, self.zo.two_sided, "joint" if self.zo.granularity == "joint" else "group")
         # (a plan without ZO units, such as a frozen control, has nothing to guide)
         self.guide_sources = self._guide_sources(units) if self.zo.guide_weight and units["zo"] else {}
-        if self.guide_sources and world_size > 1:
-            raise ValueError("zo.guide_weight is not implemented in data-parallel runs (each rank's FO gradients differ before "
-                             "their all-reduce); set zo.guide_weight=0")
+        self._grads_reduced = False  # zo.guide_weight, data parallel: the FO gradients were all-reduced before the ZO forwards
         self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo_lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
@@ -322,6 +320,9 @@ class HybridStep:
         feats = {m: f.detach() for m, f in feats.items()}
         loss0 = loss0.detach()
         if self.guide_sources:  # zo.guide_weight: directions lean towards the neighbouring FO units' gradients
+            if self.reduce_grads is not None:  # data parallel: the global batch's gradients, the same guide on every rank
+                self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])
+                self._grads_reduced = True
             self.estimator.law = self._guided(self.estimator.law)
         # One loss difference per direction for all ZO towers together, or (zo.granularity=tower) one per direction
         # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
@@ -341,6 +342,7 @@ class HybridStep:
         k = self.step_index
         noise_seed = self.noise_seed(k)
         self._nonfinite = None
+        self._grads_reduced = False
         seeds = self.direction_seeds(k)
         self.estimator.law = self.law(k)
         counts: Counter = Counter()
@@ -385,7 +387,7 @@ class HybridStep:
                 extra_records = self._further_zo_steps(k, cache, feats, labels, counts)
 
             if self.fo_optimizer is not None:
-                if self.reduce_grads is not None:
+                if self.reduce_grads is not None and not self._grads_reduced:
                     self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])
                 self.fo_optimizer.step()
                 self.fo_optimizer.zero_grad(set_to_none=True)

@@ -107,7 +107,8 @@ class ZOConfig:
     subspace_every: int = 50
     # Guided directions (zo/directions.py): each ZO parameter's direction leans, with this weight in [0, 1], towards
     # the mean FO gradient of the same parameter in the neighbouring layers' FO units of its tower (layer-wise
-    # plans), which the step has computed before any ZO forward. 0: random directions (the paper's).
+    # plans), which the step has computed (and, data parallel, all-reduced) before any ZO forward. 0: random
+    # directions (the paper's).
     guide_weight: float = 0.0
     gain_every: int = 0  # every N steps, the held-out ZO gain against a noise step of the same size (engine/signal.py); 0: off
 
