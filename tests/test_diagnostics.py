@@ -207,6 +207,25 @@ def test_cli_subspace_rank_is_recorded_and_refused_when_negative(tmp_path, capsy
     assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--subspace-rank", "-1"]) == 2
 
 
+def test_cli_parts_measure_only_the_named_parameters(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    base = ["diagnose", "--backbone", "tiny", "--data", "random", "--batch", "2", "--directions", "2", "--q", "1",
+            "--eps", "1e-2", "--modalities", "vision", "--layers", "1", "--json", str(out)]
+    assert cli_main(base) == 0
+    every = json.loads(out.read_text())["rows"][0]["params"]
+    assert cli_main(base + ["--parts", "*.up.*"]) == 0
+    rep = json.loads(out.read_text())
+    from mozo.backbone.clip import load_backbone
+    from mozo.peft.inject import MozoCLIP, PeftConfig
+    unit = MozoCLIP(load_backbone("tiny", seed=0), PeftConfig()).unit("vision", 1)
+    assert rep["estimator"]["parts"] == "*.up.*" and rep["rows"][0]["params"] == sum(
+        p.numel() for n, p in unit.named_parameters() if ".up." in n) < every
+    capsys.readouterr()
+    assert cli_main(base + ["--parts", "router", "--warmup-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "matches no unit parameter" in err and "w_gate" in err and "warm" not in err.lower()
+
+
 def test_cli_rejects_too_few_directions(tmp_path):
     assert cli_main(["diagnose", "--backbone", "tiny", "--data", "random", "--directions", "2", "--q", "1,4"]) == 2
 

@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subspace-rank", type=int, default=0, help="zo.subspace_rank: matrices' directions U V^T / sqrt(r) in "
                    "one random rank-r subspace (its basis from --seed), as a window of training steps draws them; "
                    "the exact-derivative references stay the dense ones (default 0: dense)")
+    p.add_argument("--parts", default="*", help="zo.parts: only the unit parameters matching these comma-separated shell "
+                   "patterns form the block (e.g. '*.up.*', 'w_gate'), as the step perturbs them (default '*'; --block unit|tower)")
     p.add_argument("--block", default="unit", choices=("unit", "tower", "joint"), help="ZO block: one unit (the paper's), a whole "
                    "tower, or joint: all ZO units of --plan at once with per-tower epsilons and one loss difference, "
                    "exactly as the training step forms the estimate")
@@ -196,7 +198,7 @@ def print_summary(report: dict, ref: int, out=None) -> None:
 
 
 def main(args) -> int:
-    from mozo.diagnostics.measure import diagnose, load_units, make_batches, warmup
+    from mozo.diagnostics.measure import check_parts, diagnose, load_units, make_batches, warmup
     from mozo.diagnostics.plots import reference_index, write_plots
 
     if args.threads:
@@ -227,6 +229,7 @@ def main(args) -> int:
     parts = []
     try:
         model, bb, spec, run_cfg = build_model(args)
+        check_parts(model, args.parts)  # before any warm-up step
         if args.checkpoint:
             state["checkpoint"] = str(load_units(model, args.checkpoint))
             parts.append(f"units from {args.checkpoint}")
@@ -252,12 +255,12 @@ def main(args) -> int:
     if args.block == "joint":
         return _main_joint(args, model, spec, diag_batch, state, progress, t0)
     result = diagnose(model, diag_batch, args.eps, args.q, args.directions, seed=args.seed, distribution=_law(args),
-                      two_sided=args.two_sided, block=args.block, units=units, progress=progress)
+                      two_sided=args.two_sided, block=args.block, units=units, progress=progress, parts=args.parts)
     loss = result["loss_autograd"]
     report = {
         **_header(model, spec, diag_batch, args, state),
-        "estimator": {"block": args.block, "distribution": args.distribution, "subspace_rank": args.subspace_rank, "two_sided": args.two_sided,
-                      "directions": args.directions, "eps": args.eps, "q": args.q, "seed": args.seed,
+        "estimator": {"block": args.block, "distribution": args.distribution, "subspace_rank": args.subspace_rank, "parts": args.parts,
+                      "two_sided": args.two_sided, "directions": args.directions, "eps": args.eps, "q": args.q, "seed": args.seed,
                       "seed_scheme": "direction d of unit (m, k): direction(p_i, mix_seed(mix_seed(seed, {vision:1, language:2}[m], k), d), i), k = 0 for --block tower"},
         "loss_autograd": loss,
         "loss_ulp": _fp32_ulp(loss),

@@ -27,6 +27,7 @@ from mozo.peft.inject import MozoCLIP
 from mozo.zo.directions import LawLike, direction
 from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
+from mozo.zo.config import in_parts
 
 MODALITY_ID = {"vision": 1, "language": 2}
 
@@ -182,12 +183,22 @@ def block_loss_fn(model: MozoCLIP, batch: Batch, modality: str, layer: int, nois
     return lambda: float(evaluate([modality]))
 
 
+def check_parts(model: MozoCLIP, parts: str) -> None:
+    """A ValueError naming the units' parameter names unless the zo.parts patterns `parts` match one of them."""
+    names = sorted({n for u in model.unit_list() for n, _ in u.named_parameters()})
+    if not any(in_parts(n, parts) for n in names):
+        raise ValueError(f"--parts {parts!r} matches no unit parameter; they are named {', '.join(names)}")
+
+
 def diagnose(model: MozoCLIP, batch: Batch, eps: Sequence[float], q: Sequence[int], directions: int, seed: int = 0,
              distribution: LawLike = "gaussian", two_sided: bool = False, block: str = "unit",
-             units: Optional[Sequence[tuple[str, int]]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Per-block statistics (rows) and per-modality aggregates. `units` restricts to some (modality, layer)."""
+             units: Optional[Sequence[tuple[str, int]]] = None, progress: Optional[Callable[[str], None]] = None,
+             parts: str = "*") -> dict:
+    """Per-block statistics (rows) and per-modality aggregates. `units` restricts to some (modality, layer);
+    `parts` (zo.parts' patterns) to some parameters of each unit, the block the step then perturbs."""
     if block not in ("unit", "tower"):
         raise ValueError(f"block must be unit or tower, got {block!r}")
+    check_parts(model, parts)
     noise_seed = mix_seed(seed, 17)
     loss_autograd, grads = true_gradients(model, batch, noise_seed)
     chosen = [u for u in model.unit_list() if units is None or (u.info.modality, u.info.layer) in set(units)]
@@ -204,7 +215,7 @@ def diagnose(model: MozoCLIP, batch: Batch, eps: Sequence[float], q: Sequence[in
     for m, layer, us in blocks:
         if progress:
             progress(f"{m} layer {layer}" if block == "unit" else f"{m} tower")
-        params = [p for u in us for p in u.parameters()]
+        params = [p for u in us for n, p in u.named_parameters() if in_parts(n, parts)]
         closure = block_loss_fn(model, batch, m, layer, noise_seed)
         stats = estimator_statistics(params, closure, [grads[id(p)] for p in params], eps, q, directions,
                                      mix_seed(seed, MODALITY_ID[m], layer if block == "unit" else 0), distribution, two_sided)

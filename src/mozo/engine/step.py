@@ -24,7 +24,6 @@ One call does, for a batch (docs/method.md, The hybrid step):
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -36,7 +35,7 @@ from mozo.methods import MethodConfig, Prepared
 from mozo.methods.base import Method
 from mozo.methods.baseline import Baseline
 from mozo.peft.inject import MozoCLIP
-from mozo.zo.config import ZOConfig
+from mozo.zo.config import ZOConfig, in_parts
 from mozo.zo.directions import as_law
 from mozo.seeds import mix_seed
 from mozo.zo.estimator import Estimator, Group
@@ -122,7 +121,7 @@ class HybridStep:
         self.fo_params = [p for u in units["fo"] for p in u.parameters()]
         # zo.parts: which parameters of a ZO unit the estimate perturbs and the rule updates (the rest stay put)
         self.zo_params = {m: [p for u in units["zo"] if u.info.modality == m for n, p in u.named_parameters()
-                              if any(fnmatch.fnmatchcase(n, pat) for pat in self.zo.parts.split(","))] for m in MODALITIES}
+                              if in_parts(n, self.zo.parts)] for m in MODALITIES}
         for m in {u.info.modality for u in units["zo"]}:
             if not self.zo_params[m]:
                 names = sorted({n for u in units["zo"] for n, _ in u.named_parameters()})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import numbers
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
         allowed = ""
     kind = "an integer" if integer else "a finite number"
     raise ValueError(f"{key} must be {kind}{allowed}{' or null' if optional else ''}, got {value!r}")
+
+
+def in_parts(name: str, parts: str) -> bool:
+    """Whether a unit parameter's name (e.g. `experts.0.up.weight`) matches zo.parts' comma-separated shell patterns."""
+    return any(fnmatch.fnmatchcase(name, pattern.strip()) for pattern in parts.split(","))
 
 
 @dataclass
