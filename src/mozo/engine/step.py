@@ -148,8 +148,7 @@ class HybridStep:
         self.estimator = Estimator({g: Group(ps, self.zo.eps(self.group_at[g][0]), streams[g]) for g, ps in group_params.items()},
                                    self.zo.distribution, self.zo.two_sided, "joint" if self.zo.granularity == "joint" else "group")
         # (a plan without ZO units, such as a frozen control, has nothing to guide)
-        self.guide_sources = self._guide_sources(units) if self.zo.guide_weight and units["zo"] else {}
-        self._grads_reduced = False  # zo.guide_weight, data parallel: the FO gradients were all-reduced before the ZO forwards
+        self.guide_sources = self._guide_sources(units, mine) if self.zo.guide_weight and units["zo"] else {}
         self.rule = get_rule(self.zo.rule)(group_params, lr=self.zo_lr, weight_decay=self.zo.weight_decay)
         # A language tower with no trainable unit and no noise (no units, or frozen units without dropout or
         # router noise) maps the same prompts to the same features at every step: they are computed once and
@@ -160,10 +159,10 @@ class HybridStep:
         self._text_params = [p for u in lang_units for p in u.parameters()]
         self._text_cache: Optional[tuple[dict, tuple, torch.Tensor]] = None  # (prompt tensors, unit versions, features)
 
-    def _guide_sources(self, units: dict) -> dict[int, list[torch.Tensor]]:
-        """zo.guide_weight: for each ZO parameter, the same-named, same-shaped parameters of the FO units one layer
-        below and above in its tower (their gradients are its direction's surrogate). Refused if none has any."""
-        mine = {id(p) for ps in self.zo_params.values() for p in ps}
+    def _guide_sources(self, units: dict, mine: set[int]) -> dict[int, list[torch.Tensor]]:
+        """zo.guide_weight: for each ZO parameter (`mine`: the ids zo.parts selected), the same-named, same-shaped
+        parameters of the FO units one layer below and above in its tower (their gradients are its direction's
+        surrogate). Refused if none has any."""
         fo_at = {(u.info.modality, u.info.layer): u for u in units["fo"]}
         sources = {}
         for u in units["zo"]:
@@ -320,8 +319,7 @@ class HybridStep:
         loss0 = loss0.detach()
         if self.guide_sources:  # zo.guide_weight: directions lean towards the neighbouring FO units' gradients
             if self.reduce_grads is not None:  # data parallel: the global batch's gradients, the same guide on every rank
-                self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])
-                self._grads_reduced = True
+                self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])  # (accumulate is 1: once a step)
             self.estimator.law = self._guided(self.estimator.law)
         # One loss difference per direction for all ZO towers together, or (zo.granularity=tower) one per direction
         # and tower, each tower perturbed alone: the same tower forwards, without the other tower's term.
@@ -341,7 +339,6 @@ class HybridStep:
         k = self.step_index
         noise_seed = self.noise_seed(k)
         self._nonfinite = None
-        self._grads_reduced = False
         seeds = self.direction_seeds(k)
         self.estimator.law = self.law(k)
         counts: Counter = Counter()
@@ -386,7 +383,7 @@ class HybridStep:
                 extra_records = self._further_zo_steps(k, cache, feats, labels, counts)
 
             if self.fo_optimizer is not None:
-                if self.reduce_grads is not None and not self._grads_reduced:
+                if self.reduce_grads is not None and not self.guide_sources:  # (a guided step reduced them before its ZO forwards)
                     self.reduce_grads([p.grad for p in self.fo_params if p.grad is not None])
                 self.fo_optimizer.step()
                 self.fo_optimizer.zero_grad(set_to_none=True)
